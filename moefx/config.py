@@ -1,0 +1,174 @@
+"""MoEConfig: what to convert and how, as one small, frozen, validated dataclass.
+
+The config is the single source of truth for a conversion: the CLI flags parse into it, the Python API takes
+it, and ``recipe.json`` stores its :meth:`MoEConfig.to_dict` so that ``moefx.load`` can rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["CONFIG_VERSION", "EXPERT_INITS", "ROUTERS", "MoEConfig", "select_layers"]
+
+CONFIG_VERSION = 1
+
+#: Routers this version of moefx implements, with a one-line description for ``--help``.
+ROUTERS: dict[str, str] = {
+    "topk": "token choice top-k (Switch k=1, GShard/GLaM k=2, Mixtral-style renormalised), capacity or dropless",
+}
+
+#: How the experts of a converted FFN are initialised.
+EXPERT_INITS: dict[str, str] = {
+    "upcycle": "every expert a copy of the dense FFN (Sparse Upcycling); exact with renormalised top-k",
+    "random": "experts initialised like fresh nn.Linear layers (seeded)",
+}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How to turn each selected dense FFN into a Mixture-of-Experts layer.
+
+    Routing:
+        router: the router name (see :data:`ROUTERS`).
+        num_experts: experts per MoE layer.
+        top_k: experts each token is sent to (token-choice routers).
+        capacity_factor: expert capacity ``C = ceil(tokens * capacity_factor / num_experts)``; tokens routed
+            past it are dropped (their FFN output is zero, so they pass through the residual). ``None`` is
+            dropless.
+        normalize_weights: renormalise the top-k gate values to sum to one (Mixtral); otherwise the raw
+            softmax probabilities weight the experts (Switch, GShard).
+        router_init_std: standard deviation of the router's initial weights.
+        load_balance_weight, z_loss_weight: weights of the Switch load-balancing loss and the ST-MoE router
+            z-loss, read with ``moefx.aux_loss(model)`` after a forward pass.
+
+    Experts:
+        init: ``"upcycle"`` or ``"random"`` (see :data:`EXPERT_INITS`).
+        init_noise: relative std of Gaussian noise added to each upcycled expert to break symmetry.
+        expert_size: hidden (intermediate) size of each expert; ``None`` keeps the dense FFN's.
+        seed: seed of every random choice the conversion makes.
+
+    Layer selection (all given criteria must hold):
+        every: convert every k-th FFN in model order (the k-th, 2k-th, ...; ``every=2`` is GShard/Switch's
+            "every other layer").
+        last: convert only the last n FFNs (V-MoE style).
+        layers: a regular expression; convert only FFNs whose name it matches (``re.search``).
+        exclude: a regular expression; never convert FFNs whose name it matches.
+    """
+
+    router: str = "topk"
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float | None = None
+    normalize_weights: bool = True
+    router_init_std: float = 0.02
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    init: str = "upcycle"
+    init_noise: float = 0.0
+    expert_size: int | None = None
+    seed: int = 0
+    every: int = 1
+    last: int | None = None
+    layers: str | None = None
+    exclude: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("num_experts", self.num_experts, minimum=1)
+        _check_int("top_k", self.top_k, minimum=1)
+        if self.router not in ROUTERS:
+            raise ConfigError(
+                f"unknown router {self.router!r}: choose one of {', '.join(sorted(ROUTERS))}"
+            )
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"top_k={self.top_k} is larger than num_experts={self.num_experts}: "
+                "a token cannot be routed to more experts than the layer has"
+            )
+        if self.capacity_factor is not None:
+            if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)):
+                raise ConfigError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
+            if not self.capacity_factor > 0:
+                raise ConfigError(
+                    f"capacity_factor must be positive (or None for dropless), got {self.capacity_factor}"
+                )
+        if self.init not in EXPERT_INITS:
+            raise ConfigError(f"unknown init {self.init!r}: choose one of {', '.join(sorted(EXPERT_INITS))}")
+        for name in ("init_noise", "router_init_std", "load_balance_weight", "z_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.expert_size is not None:
+            _check_int("expert_size", self.expert_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("every", self.every, minimum=1)
+        if self.last is not None:
+            _check_int("last", self.last, minimum=1)
+        for name in ("layers", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{name}={pattern!r} is not a valid regular expression: {exc}") from None
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with a ``version`` key; :meth:`from_dict` reads it back."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if self.extra:
+            data["extra"] = dict(self.extra)
+        return {"version": CONFIG_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version} is not supported by this moefx (expects {CONFIG_VERSION}); "
+                "convert the model again with this version"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+def select_layers(names: list[str], config: MoEConfig) -> list[bool]:
+    """Which of the FFNs ``names`` (in model order) the config selects for conversion.
+
+    Criteria combine with AND: ``every`` picks positions k-1, 2k-1, ... of the full list, ``last`` the final
+    n positions, ``layers`` the names its regex matches, and ``exclude`` removes the names it matches.
+    """
+    n = len(names)
+    include = re.compile(config.layers) if config.layers else None
+    exclude = re.compile(config.exclude) if config.exclude else None
+    selected = []
+    for i, name in enumerate(names):
+        ok = (i % config.every) == config.every - 1
+        if config.last is not None:
+            ok = ok and i >= n - config.last
+        if include is not None:
+            ok = ok and include.search(name) is not None
+        if exclude is not None:
+            ok = ok and exclude.search(name) is None
+        selected.append(ok)
+    return selected

@@ -1,0 +1,458 @@
+"""The conversion pipeline: capture -> find FFNs -> select -> build experts -> rewrite -> swap back -> verify.
+
+``analyze`` runs the first two steps and is what ``moefx inspect`` shows; ``convert`` runs them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .capture import (
+    CaptureAttempt,
+    CapturedModule,
+    SampleRecord,
+    _containers,
+    capture_container,
+    container_of,
+    ghost_parameters,
+    is_projection_module,
+    record_sample_pass,
+)
+from .config import MoEConfig, select_layers
+from .errors import MoefxError, NoFFNFoundError
+from .experts import build_moe_layer
+from .layers import MoELayer
+from .passes import FindFFNPass, PassManager, RewriteFFNPass
+from .passes.ffn_rules import FFNMatch
+from .progress import progress
+
+__all__ = ["Analysis", "FoundFFN", "NearMiss", "analyze", "aux_loss", "convert", "moe_layers"]
+
+log = logging.getLogger("moefx")
+
+
+@dataclass
+class FoundFFN:
+    """A convertible FFN: where it is, what it is, and the capture that found it."""
+
+    name: str  # the FFN's qualified name in the model (common prefix of its projections)
+    container: str  # the captured submodule that holds it
+    match: FFNMatch
+    attempt: CaptureAttempt
+    position: int  # order in the model
+    selected: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.match
+        return {
+            "name": self.name,
+            "container": self.container,
+            "rule": m.rule,
+            "activation": m.activation,
+            "gated": m.gated,
+            "in_features": m.in_features,
+            "hidden_features": m.hidden_features,
+            "out_features": m.out_features,
+            "bias": m.up_bias is not None or m.down_bias is not None,
+            "dropout": m.dropout_p,
+            "projections": [_join(self.container, mod) for mod in m.modules],
+            "forms": m.forms,
+            "capture": self.attempt.method,
+            "selected": self.selected,
+        }
+
+
+@dataclass
+class NearMiss:
+    """Something that looked like an FFN but was not converted, and why."""
+
+    where: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"where": self.where, "reason": self.reason}
+
+
+@dataclass
+class Analysis:
+    ffns: list[FoundFFN] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    attempts: dict[str, CaptureAttempt] = field(default_factory=dict)
+    record: SampleRecord | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ffns": [f.to_dict() for f in self.ffns],
+            "near_misses": [n.to_dict() for n in self.near_misses],
+            "captures": {
+                name or "(root)": {"method": a.method, "errors": a.errors} for name, a in self.attempts.items()
+            },
+        }
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict] | None:
+    if example_inputs is None and not example_kwargs:
+        return None
+    if example_inputs is None:
+        args: tuple = ()
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        args = (example_inputs,)
+    return args, dict(example_kwargs or {})
+
+
+def analyze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: dict | None = None,
+            config: MoEConfig | None = None) -> Analysis:
+    """Find the model's FFNs (and near-misses) without changing it.
+
+    ``config`` only marks which FFNs its layer selection would convert (``FoundFFN.selected``).
+    """
+    inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
+    return _analyze(model, inputs, config)
+
+
+def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
+    start = time.perf_counter()
+    analysis = Analysis()
+    projections = {n for n, m in model.named_modules() if is_projection_module(m)}
+    if inputs is not None:
+        with progress(total=1, desc="sample forward pass", unit="pass") as bar:
+            analysis.record = record_sample_pass(model, *inputs)
+            bar.update(1)
+        pairs = analysis.record.pairs
+        containers = sorted({container_of(model, [u, d]) for u, d in pairs}, key=lambda n: -len(n.split(".")))
+    else:
+        containers = _containers(model, {n: None for n in projections})
+    claimed: set[str] = set()
+    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    with progress(total=len(containers), desc="capturing", unit="module") as bar:
+        for name in containers:
+            bar.update(1)
+            inside = {p for p in projections if _is_inside(p, name)}
+            if inside and inside <= claimed:
+                continue
+            attempt = capture_container(model, name, analysis.record)
+            analysis.attempts[name] = attempt
+            if not attempt.ok:
+                if inputs is not None:
+                    mod = model.get_submodule(name)
+                    reasons = "; ".join(f"{k}: {v}" for k, v in attempt.errors.items())
+                    analysis.near_misses.append(NearMiss(
+                        name or "(root)",
+                        f"holds an FFN but no tracer could capture {type(mod).__name__}: {reasons}",
+                    ))
+                continue
+            PassManager([FindFFNPass()])(attempt.graph_module)
+            gm = attempt.graph_module
+            for match in gm.meta["moefx.ffn_matches"]:
+                modules = [_join(name, m) for m in match.modules]
+                if set(modules) & claimed:
+                    continue
+                claimed |= set(modules)
+                ffn_name = _common_module(modules)
+                position = min(module_order.get(m, math.inf) for m in modules)
+                analysis.ffns.append(FoundFFN(ffn_name, name, match, attempt, position))
+            for miss in gm.meta["moefx.near_misses"]:
+                analysis.near_misses.append(NearMiss(_join(name, miss.reason.split(":", 1)[0]) or "(root)",
+                                                     miss.reason.split(":", 1)[-1].strip()))
+    analysis.ffns.sort(key=lambda f: f.position)
+    if config is not None:
+        for ffn, chosen in zip(analysis.ffns, select_layers([f.name for f in analysis.ffns], config)):
+            ffn.selected = chosen
+    analysis.near_misses = _dedupe(analysis.near_misses)
+    analysis.seconds = time.perf_counter() - start
+    return analysis
+
+
+def _dedupe(items: list[NearMiss]) -> list[NearMiss]:
+    seen, out = set(), []
+    for item in items:
+        key = (item.where, item.reason)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def _is_inside(name: str, container: str) -> bool:
+    return not container or name == container or name.startswith(container + ".")
+
+
+def _common_module(modules: list[str]) -> str:
+    from .capture import common_prefix
+
+    prefix = common_prefix(modules)
+    if prefix in modules:  # a single projection cannot be an FFN's name; use its parent
+        prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    return prefix
+
+
+def _default_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
+    from .hf import dummy_inputs, is_hf_model
+
+    if is_hf_model(model):
+        return (), dummy_inputs(model)
+    return None
+
+
+@dataclass
+class ConversionInfo:
+    """What a conversion did; kept on the converted model as ``model.moefx_info`` and saved as the recipe."""
+
+    config: MoEConfig
+    layers: list[dict[str, Any]]
+    near_misses: list[NearMiss]
+    skipped: list[str]
+    inputs: tuple[tuple, dict] | None
+    verification: dict[str, Any] | None
+    seconds: float
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "layers": self.layers,
+            "not_selected": self.skipped,
+            "near_misses": [n.to_dict() for n in self.near_misses],
+            "verification": self.verification,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def convert(
+    model: nn.Module,
+    config: MoEConfig | None = None,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+    initialize: bool = True,
+) -> nn.Module:
+    """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model keeps its class, config and ``generate``).
+        config: what to build; defaults to ``MoEConfig()`` (top-2 of 8 upcycled experts).
+        example_inputs: positional inputs for one sample forward pass (a tensor or a tuple). Needed to
+            capture submodules that ``symbolic_trace`` cannot; Hugging Face models get dummy inputs from
+            their config when none are given.
+        example_kwargs: keyword inputs for the sample pass.
+        inplace: convert ``model`` itself instead of a deep copy.
+        verify: compare the converted model with the dense one on the example inputs (in the report).
+        initialize: build expert weights with ``config.init``; ``False`` only allocates them (for loading).
+
+    Raises:
+        NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
+        ConfigError: the layer selection matched no FFN.
+    """
+    start = time.perf_counter()
+    config = config or MoEConfig()
+    if not inplace:
+        model = copy.deepcopy(model)
+    inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
+    analysis = _analyze(model, inputs, config)
+    if not analysis.ffns:
+        raise NoFFNFoundError(_no_ffn_message(model, analysis))
+    chosen = [f for f in analysis.ffns if f.selected]
+    if not chosen:
+        raise MoefxError(
+            f"the layer selection (every={config.every}, last={config.last}, layers={config.layers!r}, "
+            f"exclude={config.exclude!r}) matched none of the {len(analysis.ffns)} FFNs "
+            f"({', '.join(f.name or '(root)' for f in analysis.ffns[:4])}{', ...' if len(analysis.ffns) > 4 else ''})"
+        )
+    index_of = {id(f): i for i, f in enumerate(analysis.ffns)}
+    by_container: dict[str, list[FoundFFN]] = {}
+    for ffn in chosen:
+        by_container.setdefault(ffn.container, []).append(ffn)
+    layers_info: list[dict[str, Any]] = []
+    with progress(total=len(chosen), desc="building experts", unit="layer") as bar:
+        for container, ffns in sorted(by_container.items(), key=lambda kv: -len(kv[0].split("."))):
+            new_root = _rewrite_container(model, container, ffns, config, index_of, layers_info, initialize, bar)
+            if new_root is not None:
+                model = new_root
+    layers_info.sort(key=lambda d: d["position"])
+    for d in layers_info:
+        d.pop("position")
+    verification = None
+    if verify and inputs is not None and analysis.record is not None:
+        verification = _verify(model, inputs, analysis.record.output, config)
+    info = ConversionInfo(
+        config=config,
+        layers=layers_info,
+        near_misses=analysis.near_misses,
+        skipped=[f.name for f in analysis.ffns if not f.selected],
+        inputs=inputs,
+        verification=verification,
+        seconds=time.perf_counter() - start,
+    )
+    object.__setattr__(model, "moefx_info", info)
+    return model
+
+
+def _no_ffn_message(model: nn.Module, analysis: Analysis) -> str:
+    name = type(model).__name__
+    if analysis.near_misses:
+        miss = analysis.near_misses[0]
+        more = f" (and {len(analysis.near_misses) - 1} more; run `moefx inspect` for all)" if len(analysis.near_misses) > 1 else ""
+        return f"{name} has no FFN moefx can convert: {miss.where}: {miss.reason}{more}"
+    return (
+        f"{name} has no FFN moefx can convert: no two projections (nn.Linear or Conv1D) are joined by an "
+        "activation; moefx converts Linear-activation-Linear and gated (GLU) feed-forward blocks"
+    )
+
+
+def _rewrite_container(model, container, ffns, config, index_of, layers_info, initialize, bar) -> nn.Module | None:
+    """Rewrite one captured container and swap it into the model; returns a new root if the root changed."""
+    attempt = ffns[0].attempt
+    gm: fx.GraphModule = attempt.graph_module
+    wanted = {id(f.match): f for f in ffns}
+    names: dict[tuple[str, ...], str] = {}
+    layers: dict[str, MoELayer] = {}
+
+    def bind(graph_module: fx.GraphModule, match: FFNMatch) -> str | None:
+        ffn = wanted.get(id(match))
+        if ffn is None:
+            return None
+        layer = build_moe_layer(match, config, index_of[id(ffn)], ffn.name, init=initialize)
+        rel = _relative(ffn.name, container)
+        target = _unique_name(graph_module, f"{rel}.moe" if rel else "moe")
+        graph_module.add_submodule(target, layer)
+        names[tuple(match.modules)] = target
+        layers[target] = layer
+        bar.update(1)
+        return target
+
+    PassManager([RewriteFFNPass(bind)])(gm)
+    original = model.get_submodule(container)
+    replacement: nn.Module
+    trivial = _trivial_layer(gm, attempt)
+    if trivial is not None:
+        replacement = layers[trivial]
+    elif attempt.method == "torch.export":
+        for ffn in ffns:
+            for mod in ffn.match.modules:
+                ghost_parameters(original.get_submodule(mod))
+        replacement = CapturedModule(gm, attempt.key, original, names, type(original).__name__)
+    else:
+        replacement = gm
+    for target, layer in layers.items():
+        ffn = next(f for f in ffns if f.name == layer.source)
+        qualname = container if replacement is layer else _join(container, target)
+        layers_info.append({
+            **ffn.to_dict(),
+            "moe": qualname,
+            "experts": layer.num_experts,
+            "expert_size": layer.experts.expert_size,
+            "position": ffn.position,
+        })
+    if not container:
+        return replacement
+    parent_name, _, child = container.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, replacement)
+    return None
+
+
+def _relative(name: str, container: str) -> str:
+    if not container:
+        return name
+    return name[len(container) + 1 :] if name.startswith(container + ".") else ""
+
+
+def _unique_name(gm: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while _has_attr_path(gm, name):
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def _has_attr_path(root: nn.Module, path: str) -> bool:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _trivial_layer(gm: fx.GraphModule, attempt: CaptureAttempt) -> str | None:
+    """If the rewritten graph is just ``x -> moe -> output``, the MoE layer can replace the container."""
+    nodes = [n for n in gm.graph.nodes if not (n.op == "call_module" and str(n.target).startswith("_guards_fn"))]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    calls = [n for n in nodes if n.op not in ("placeholder", "output")]
+    if len(placeholders) != 1 or len(calls) != 1 or calls[0].op != "call_module":
+        return None
+    call = calls[0]
+    if not isinstance(gm.get_submodule(call.target), MoELayer) or call.args != (placeholders[0],):
+        return None
+    output = nodes[-1]
+    result = output.args[0]
+    if isinstance(result, (tuple, list)):
+        if len(result) != 1:
+            return None
+        result = result[0]
+    if result is not call:
+        return None
+    if attempt.method == "torch.export":
+        # The call must have been a single positional tensor returning a single tensor.
+        spec = getattr(gm, "_out_spec", None)
+        if spec is not None and spec.num_leaves != 1:
+            return None
+    return call.target
+
+
+@torch.no_grad()
+def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, config: MoEConfig) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(*inputs[0], **inputs[1])
+    finally:
+        model.train(was_training)
+    dense = [t for t in pytree.tree_leaves(dense_output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    moe = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not dense or len(dense) != len(moe):
+        return {"compared": False}
+    a, b = dense[0].float(), moe[0].float()
+    if a.shape != b.shape:
+        return {"compared": False}
+    max_abs = float((a - b).abs().max())
+    rel = max_abs / max(float(a.abs().max()), 1e-12)
+    exact_expected = config.init == "upcycle" and config.normalize_weights and config.capacity_factor is None \
+        and config.init_noise == 0
+    return {"compared": True, "max_abs_error": max_abs, "relative_error": rel, "exact_expected": exact_expected,
+            "exact": rel <= 1e-5}
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """``[(qualified_name, MoELayer), ...]`` in model order."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELayer)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of every MoE layer's weighted auxiliary losses from the last forward pass (0 if none)."""
+    total = None
+    for _, layer in moe_layers(model):
+        for value in layer.aux_losses.values():
+            total = value if total is None else total + value
+    if total is None:
+        ref = next(iter(model.parameters()), None)
+        return torch.zeros((), device=ref.device if ref is not None else "cpu")
+    return total
+

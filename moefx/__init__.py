@@ -6,6 +6,7 @@ from . import ops  # registers the moefx:: custom ops
 from .config import MoEConfig
 from .convert import Analysis, analyze, aux_loss, convert, moe_layers
 from .errors import MoefxError
+from .io import load, save
 from .layers import ExpertBank, MoELayer
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "analyze",
     "aux_loss",
     "convert",
+    "load",
     "moe_layers",
     "ops",
+    "save",
 ]

@@ -130,6 +130,13 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
     start = time.perf_counter()
     analysis = Analysis()
     projections = {n for n, m in model.named_modules() if is_projection_module(m)}
+    if isinstance(model, fx.GraphModule) and not projections:
+        # A program (e.g. a loaded .pt2): already one ATen graph, rewritten in place.
+        attempt = CaptureAttempt("", "fx.GraphModule", model)
+        analysis.attempts[""] = attempt
+        _collect_matches(analysis, model, "", attempt, set(), {})
+        _finish(analysis, config, start)
+        return analysis
     if inputs is not None:
         with progress(total=1, desc="sample forward pass", unit="pass") as bar:
             analysis.record = record_sample_pass(model, *inputs)
@@ -157,26 +164,35 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
                         f"holds an FFN but no tracer could capture {type(mod).__name__}: {reasons}",
                     ))
                 continue
-            PassManager([FindFFNPass()])(attempt.graph_module)
-            gm = attempt.graph_module
-            for match in gm.meta["moefx.ffn_matches"]:
-                modules = [_join(name, m) for m in match.modules]
-                if set(modules) & claimed:
-                    continue
-                claimed |= set(modules)
-                ffn_name = _common_module(modules)
-                position = min(module_order.get(m, math.inf) for m in modules)
-                analysis.ffns.append(FoundFFN(ffn_name, name, match, attempt, position))
-            for miss in gm.meta["moefx.near_misses"]:
-                analysis.near_misses.append(NearMiss(_join(name, miss.reason.split(":", 1)[0]) or "(root)",
-                                                     miss.reason.split(":", 1)[-1].strip()))
+            _collect_matches(analysis, attempt.graph_module, name, attempt, claimed, module_order)
+    _finish(analysis, config, start)
+    return analysis
+
+
+def _collect_matches(analysis: Analysis, gm: fx.GraphModule, name: str, attempt: CaptureAttempt,
+                     claimed: set[str], module_order: dict[str, int]) -> None:
+    PassManager([FindFFNPass()])(gm)
+    for i, match in enumerate(gm.meta["moefx.ffn_matches"]):
+        modules = [_join(name, m) for m in match.modules]
+        if set(modules) & claimed:
+            continue
+        claimed |= set(modules)
+        position = min((module_order.get(m, math.inf) for m in modules), default=math.inf)
+        if position == math.inf:  # a graph without modules: order of appearance
+            position = len(module_order) + i
+        analysis.ffns.append(FoundFFN(_common_module(modules), name, match, attempt, position))
+    for miss in gm.meta["moefx.near_misses"]:
+        where, _, reason = miss.reason.partition(": ")
+        analysis.near_misses.append(NearMiss(_join(name, where) or "(root)", reason or where))
+
+
+def _finish(analysis: Analysis, config: MoEConfig | None, start: float) -> None:
     analysis.ffns.sort(key=lambda f: f.position)
     if config is not None:
         for ffn, chosen in zip(analysis.ffns, select_layers([f.name for f in analysis.ffns], config)):
             ffn.selected = chosen
     analysis.near_misses = _dedupe(analysis.near_misses)
     analysis.seconds = time.perf_counter() - start
-    return analysis
 
 
 def _dedupe(items: list[NearMiss]) -> list[NearMiss]:
@@ -243,6 +259,7 @@ def convert(
     inplace: bool = False,
     verify: bool = True,
     initialize: bool = True,
+    source: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
 
@@ -256,6 +273,7 @@ def convert(
         inplace: convert ``model`` itself instead of a deep copy.
         verify: compare the converted model with the dense one on the example inputs (in the report).
         initialize: build expert weights with ``config.init``; ``False`` only allocates them (for loading).
+        source: where the model came from (recorded in the recipe by ``moefx.save``).
 
     Raises:
         NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
@@ -300,6 +318,7 @@ def convert(
         inputs=inputs,
         verification=verification,
         seconds=time.perf_counter() - start,
+        source=dict(source or {}),
     )
     object.__setattr__(model, "moefx_info", info)
     return model

@@ -1,0 +1,93 @@
+"""The ``moefx`` command: one module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``.
+
+Errors a user can fix (:class:`moefx.errors.MoefxError`) print one line on stderr and exit with their code
+(2 for input errors); anything else is a bug and exits with 1. ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: Subcommand name -> module (relative to this package) that implements it.
+COMMANDS = {
+    "convert": ".convert",
+    "inspect": ".inspect",
+}
+
+_EPILOG = """examples:
+  moefx inspect model_dir/                         what would be converted, and why near-misses were not
+  moefx convert model_dir/ --experts 8 --top-k 2 -o out/
+  moefx convert my_pkg.models:build --router topk --every 2 -o out/ --force
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moefx import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moefx",
+        description="Convert the dense FFNs of a PyTorch Transformer into Mixture-of-Experts layers.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"moefx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(module, __name__).add_parser(sub)
+    return parser
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every subcommand takes."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO),
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    from moefx.progress import set_quiet
+
+    set_quiet(True if quiet else None)
+    module = importlib.import_module(COMMANDS[args.command], __name__)
+    from moefx.errors import MoefxError
+
+    try:
+        return int(module.run(args) or 0)
+    except MoefxError as exc:
+        if debug:
+            raise
+        print(f"moefx {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"moefx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"moefx {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(this is a bug in moefx; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

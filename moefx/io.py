@@ -1,0 +1,450 @@
+"""Model sources and the converted-model directory: ``load_source``, ``save``, ``load``.
+
+A MODEL given to the CLI is one of:
+
+* a Hugging Face model directory (``config.json`` + safetensors weights),
+* a ``torch.export`` program (``.pt2``),
+* a ``package.module:factory`` callable returning a model or ``(model, example_inputs)``,
+* a ``torch.save``-d ``nn.Module`` (``.pt``/``.pth``) — loading it runs code from the file, so it is refused
+  unless the caller opts in with ``trust_remote_code`` (``--trust-remote-code``).
+
+``save(model, out)`` writes ``out/`` atomically (a temporary directory renamed into place):
+``model.safetensors`` (all weights), ``recipe.json`` (source, config, converted layers, versions),
+``report.json`` + ``report.md``, the example inputs, and what the source needs to be rebuilt (``config.json``
+for Hugging Face models, ``source.pt2`` for programs). ``load(out)`` rebuilds the dense model from the same
+source, converts it again with the recipe's config (without initialising experts), and loads the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .config import MoEConfig
+from .errors import ModelLoadError, MoefxError, OutputExistsError, UnsafeFileError
+
+__all__ = ["RECIPE_VERSION", "ModelSource", "atomic_output_dir", "load", "load_source", "read_recipe", "save"]
+
+RECIPE_VERSION = 1
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
+
+
+@dataclass
+class ModelSource:
+    """A loaded model and where it came from."""
+
+    kind: str  # "hf" | "pt2" | "factory" | "pickle" | "module"
+    spec: str
+    model: nn.Module
+    example_inputs: tuple[tuple, dict] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec, "class": _class_path(self.model), **self.extra}
+
+
+def _class_path(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load_source(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelSource:
+    """Load a model from a CLI MODEL argument (see the module docstring)."""
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.exists():
+        if path.is_dir():
+            if (path / "recipe.json").exists():
+                raise ModelLoadError(
+                    f"{text}: is a moefx output directory (it has recipe.json); convert the original model, "
+                    "or use `moefx inspect`/`moefx export` on this directory"
+                )
+            return _load_hf_dir(path)
+        suffix = path.suffix.lower()
+        if suffix == ".pt2":
+            return _load_pt2(path)
+        if suffix in _PICKLE_SUFFIXES:
+            return _load_pickle(path, trust_remote_code)
+        if suffix == ".safetensors":
+            raise ModelLoadError(
+                f"{text}: a bare safetensors file holds weights but no architecture; pass the Hugging Face "
+                "model directory that contains it (with config.json)"
+            )
+        raise ModelLoadError(
+            f"{text}: unknown model format {suffix or '(no extension)'!r}; pass a Hugging Face model directory, "
+            "a .pt2 program, a .pt module (with --trust-remote-code) or package.module:factory"
+        )
+    if _FACTORY.match(text):
+        return _load_factory(text)
+    raise ModelLoadError(f"{text}: no such file or directory (nor a package.module:factory callable)")
+
+
+def _load_hf_dir(path: Path) -> ModelSource:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(
+            f"{path}: not a Hugging Face model directory (no config.json); pass a directory with config.json "
+            "and safetensors weights"
+        )
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: is not valid JSON ({exc}); fix or regenerate config.json") from None
+    if not isinstance(config_dict, dict) or "model_type" not in config_dict:
+        raise ModelLoadError(f"{config_file}: has no model_type; it is not a transformers config")
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        raise ModelLoadError("loading a Hugging Face directory needs transformers: pip install 'moefx[hf]'") from None
+    cls = _hf_class(config_dict)
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: transformers could not load the model: {_first_line(exc)}") from None
+    model.eval()
+    return ModelSource("hf", str(path.resolve()), model, None, {"architecture": cls.__name__,
+                                                                  "transformers": transformers.__version__})
+
+
+def _hf_class(config_dict: dict[str, Any]):
+    import transformers
+
+    for name in config_dict.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _load_pt2(path: Path) -> ModelSource:
+    try:
+        with _quiet_torch_load():
+            program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a valid torch.export program ({_first_line(exc)}); "
+                             "create one with torch.export.save") from None
+    model = program.module()
+    inputs = None
+    example = getattr(program, "example_inputs", None)
+    if example is not None:
+        args, kwargs = example
+        inputs = (tuple(args), dict(kwargs))
+    return ModelSource("pt2", str(path.resolve()), model, inputs, {"sha256": _sha256(path)})
+
+
+def _load_pickle(path: Path, trust_remote_code: bool) -> ModelSource:
+    if not trust_remote_code:
+        raise UnsafeFileError(
+            f"{path}: loading a pickled model executes code stored in the file; if you trust it, pass "
+            "--trust-remote-code (trust_remote_code=True), or save the model with torch.export as a .pt2"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)})") from None
+    if isinstance(obj, dict):
+        raise ModelLoadError(
+            f"{path}: holds a state dict, not a model; pass a package.module:factory that builds the model "
+            "and loads these weights"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a torch.nn.Module")
+    obj.eval()
+    return ModelSource("pickle", str(path.resolve()), obj, None, {"sha256": _sha256(path)})
+
+
+def _load_factory(spec: str) -> ModelSource:
+    module_name, attr = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelLoadError(f"{spec}: cannot import {module_name} ({_first_line(exc)})") from None
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelLoadError(f"{spec}: {module_name} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelLoadError(f"{spec}: {attr} is not callable")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"{spec}: the factory raised {type(exc).__name__}: {_first_line(exc)}") from None
+    inputs = None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        result, example = result
+        if isinstance(example, dict):
+            inputs = ((), example)
+        elif isinstance(example, (tuple, list)):
+            inputs = (tuple(example), {})
+        else:
+            inputs = ((example,), {})
+    if not isinstance(result, nn.Module):
+        raise ModelLoadError(f"{spec}: the factory returned a {type(result).__name__}, not a torch.nn.Module")
+    result.eval()
+    return ModelSource("factory", spec, result, inputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_torch_load() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic output directories
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success it replaces ``out`` in one rename.
+
+    On any error the temporary directory is removed and an existing ``out`` is left untouched.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory; choose another output path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise MoefxError(f"{out}: the parent directory {parent} does not exist; create it first")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            old.rmdir()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoefxError(f"{out}: writing failed ({exc.strerror or exc}); nothing was changed") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _info(model: nn.Module):
+    info = getattr(model, "moefx_info", None)
+    if info is None:
+        raise MoefxError("the model was not converted by moefx.convert (it has no moefx_info); convert it first")
+    return info
+
+
+def _source_dict(model: nn.Module, info) -> dict[str, Any]:
+    if info.source:
+        return dict(info.source)
+    from .hf import is_hf_model
+
+    if is_hf_model(model):
+        return {"kind": "hf", "spec": None, "class": _class_path(model), "architecture": type(model).__name__}
+    return {"kind": "module", "spec": None, "class": _class_path(model)}
+
+
+def _write_inputs(inputs: tuple[tuple, dict] | None, tmp: Path) -> dict[str, Any] | None:
+    if inputs is None:
+        return None
+    from safetensors.torch import save_file
+
+    leaves, spec = pytree.tree_flatten(inputs)
+    tensors, constants = {}, {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors[f"leaf_{i}"] = leaf.detach().cpu().contiguous()
+        elif isinstance(leaf, (type(None), bool, int, float, str)):
+            constants[str(i)] = leaf
+        else:
+            return None  # not representable; load() then captures without inputs
+    save_file(tensors, str(tmp / "example_inputs.safetensors"))
+    return {"file": "example_inputs.safetensors", "treespec": pytree.treespec_dumps(spec), "constants": constants,
+            "num_leaves": len(leaves)}
+
+
+def _read_inputs(out: Path, meta: dict[str, Any] | None) -> tuple[tuple, dict] | None:
+    if not meta:
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / meta["file"]))
+    leaves = []
+    for i in range(meta["num_leaves"]):
+        leaves.append(tensors[f"leaf_{i}"] if f"leaf_{i}" in tensors else meta["constants"].get(str(i)))
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(meta["treespec"]))
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a converted model to the directory ``out`` (see the module docstring). Returns ``out``."""
+    from safetensors.torch import save_model
+
+    from . import __version__
+    from .report import render_report_markdown
+
+    info = _info(model)
+    out = Path(out)
+    source = _source_dict(model, info)
+    with atomic_output_dir(out, force=force) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        extra_files = []
+        if source["kind"] == "hf":
+            model.config.to_json_file(str(tmp / "config.json"))
+            extra_files.append("config.json")
+        if source["kind"] == "pt2" and source.get("spec"):
+            shutil.copyfile(source["spec"], tmp / "source.pt2")
+            extra_files.append("source.pt2")
+        recipe = {
+            "format": "moefx-recipe",
+            "version": RECIPE_VERSION,
+            "moefx": __version__,
+            "torch": torch.__version__.split("+")[0],
+            "source": source,
+            "config": info.config.to_dict(),
+            "layers": [{k: d[k] for k in ("name", "moe", "rule", "activation", "gated", "in_features",
+                                            "hidden_features", "out_features", "experts", "expert_size", "capture")}
+                       for d in info.layers],
+            "example_inputs": _write_inputs(info.inputs, tmp),
+            "files": ["model.safetensors", *extra_files],
+        }
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+        report = info.report()
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / "report.md").write_text(render_report_markdown(report))
+    return out
+
+
+def read_recipe(out: str | os.PathLike) -> dict[str, Any]:
+    out = Path(out)
+    path = out / "recipe.json"
+    if not path.exists():
+        raise ModelLoadError(f"{out}: not a moefx output directory (no recipe.json); create one with moefx convert")
+    try:
+        recipe = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: is not valid JSON ({exc})") from None
+    if recipe.get("format") != "moefx-recipe" or recipe.get("version") != RECIPE_VERSION:
+        raise ModelLoadError(f"{path}: not a moefx recipe of version {RECIPE_VERSION}")
+    return recipe
+
+
+def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a converted model saved with :func:`save`.
+
+    Args:
+        out: the directory ``save`` wrote.
+        model: the dense model to convert again, for models given to ``convert`` as plain ``nn.Module``
+            objects that moefx cannot rebuild itself; its weights are replaced by the saved ones.
+        trust_remote_code: allow rebuilding from a pickled ``.pt`` source.
+    """
+    from safetensors.torch import load_model
+
+    from .convert import convert
+
+    out = Path(out)
+    recipe = read_recipe(out)
+    config = MoEConfig.from_dict(recipe["config"])
+    inputs = _read_inputs(out, recipe.get("example_inputs"))
+    dense = model if model is not None else _rebuild_source(out, recipe["source"], trust_remote_code)
+    converted = convert(dense, config, *(() if inputs is None else (inputs[0],)),
+                        example_kwargs=None if inputs is None else inputs[1],
+                        inplace=True, verify=False, initialize=False)
+    got = [d["moe"] for d in converted.moefx_info.layers]
+    want = [d["moe"] for d in recipe["layers"]]
+    if got != want:
+        raise ModelLoadError(
+            f"{out}: the rebuilt model's MoE layers ({len(got)}) differ from the recipe's ({len(want)}); "
+            "was the source model changed since the conversion?"
+        )
+    try:
+        missing, unexpected = load_model(converted, str(out / "model.safetensors"), strict=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{out}/model.safetensors: cannot be loaded ({_first_line(exc)})") from None
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{out}/model.safetensors does not fit the rebuilt model (missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )
+    converted.moefx_info.source = dict(recipe["source"])
+    converted.eval()
+    return converted
+
+
+def _rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    kind = source.get("kind")
+    if kind == "hf":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+        cls = _hf_class({"architectures": [source.get("architecture")]})
+        return cls._from_config(config)
+    if kind == "pt2":
+        return _load_pt2(out / "source.pt2").model
+    if kind == "factory":
+        return _load_factory(source["spec"]).model
+    if kind == "pickle":
+        path = Path(source["spec"])
+        if not path.exists():
+            raise ModelLoadError(f"{out}: the source {path} no longer exists; pass model= with the dense model")
+        if _sha256(path) != source.get("sha256"):
+            raise ModelLoadError(f"{out}: the source {path} changed since the conversion (sha256 differs)")
+        return _load_pickle(path, trust_remote_code).model
+    if kind == "module":
+        module_name, _, qualname = source["class"].partition(":")
+        try:
+            cls: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+            params = inspect.signature(cls).parameters.values()
+            required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except Exception:
+            required = ["?"]
+        if not required:
+            return cls()
+        raise ModelLoadError(
+            f"{out}: the model was converted from a {source['class']} object that moefx cannot rebuild; "
+            "pass the dense model: moefx.load(out, model=MyModel(...))"
+        )
+    raise ModelLoadError(f"{out}: unknown source kind {kind!r} in recipe.json")

@@ -1,0 +1,74 @@
+"""Human-readable renderings of analyses and conversion reports (terminal tables and Markdown)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["format_table", "render_analysis_text", "render_conversion_text", "render_report_markdown"]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def _shape(d: dict[str, Any]) -> str:
+    act = ("gated " if d["gated"] else "") + d["activation"]
+    return f"{d['in_features']}->{d['hidden_features']}->{d['out_features']} {act}"
+
+
+def render_analysis_text(analysis: dict[str, Any], model_name: str) -> str:
+    ffns = analysis["ffns"]
+    out = [f"{model_name}: {len(ffns)} FFN(s) found, {sum(f['selected'] for f in ffns)} selected for conversion"]
+    if ffns:
+        rows = [[i, f["name"] or "(root)", f["rule"], _shape(f), f["capture"], "yes" if f["selected"] else "no"]
+                for i, f in enumerate(ffns)]
+        out.append(format_table(["#", "ffn", "rule", "shape", "captured by", "convert"], rows))
+    misses = analysis["near_misses"]
+    if misses:
+        out.append("")
+        out.append(f"near-misses ({len(misses)}): not converted, and why")
+        out += [f"  - {m['where']}: {m['reason']}" for m in misses]
+    return "\n".join(out)
+
+
+def render_conversion_text(report: dict[str, Any]) -> str:
+    layers = report["layers"]
+    cfg = report["config"]
+    head = (f"converted {len(layers)} FFN(s) to MoE: router={cfg['router']}, experts={cfg['num_experts']}, "
+            f"top_k={cfg['top_k']}, init={cfg['init']} ({report['seconds']:.1f}s)")
+    rows = [[d["moe"] or "(root)", d["rule"], _shape(d), f"{d['experts']}x{d['expert_size']}", d["capture"]]
+            for d in layers]
+    out = [head, format_table(["moe layer", "rule", "dense ffn", "experts", "captured by"], rows)]
+    v = report.get("verification")
+    if v and v.get("compared"):
+        verdict = "exact" if v["exact"] else ("NOT exact" if v["exact_expected"] else "differs, as expected")
+        out.append(f"check on the example inputs: max relative error {v['relative_error']:.2e} vs dense ({verdict})")
+    if report.get("not_selected"):
+        out.append(f"left dense by the layer selection: {len(report['not_selected'])}")
+    return "\n".join(out)
+
+
+def render_report_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = ["# moefx conversion report", ""]
+    lines.append(f"Router `{cfg['router']}`, {cfg['num_experts']} experts, top-{cfg['top_k']}, "
+                 f"init `{cfg['init']}`, capacity factor {cfg['capacity_factor']}, seed {cfg['seed']}.")
+    lines += ["", "| MoE layer | rule | dense FFN | experts | captured by |", "|---|---|---|---|---|"]
+    for d in report["layers"]:
+        lines.append(f"| `{d['moe'] or '(root)'}` | {d['rule']} | {_shape(d)} | {d['experts']} x {d['expert_size']} "
+                     f"| {d['capture']} |")
+    v = report.get("verification")
+    if v and v.get("compared"):
+        lines += ["", f"Max relative error against the dense model on the example inputs: {v['relative_error']:.2e}."]
+    if report.get("not_selected"):
+        lines += ["", "Left dense by the layer selection: " + ", ".join(f"`{n}`" for n in report["not_selected"])]
+    if report.get("near_misses"):
+        lines += ["", "## Near-misses", ""]
+        lines += [f"- `{m['where']}`: {m['reason']}" for m in report["near_misses"]]
+    return "\n".join(lines) + "\n"

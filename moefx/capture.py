@@ -19,6 +19,8 @@ structure it has not seen (e.g. an attention mask that was ``None`` at capture) 
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import logging
 import re
 from collections.abc import Iterator
@@ -132,18 +134,21 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
         ep = torch.export.export(shim, tensors, dynamic_shapes=(dims,), strict=False)
     gm = ep.module()
     _hoist_attrs(gm, "mod")
+    gm.meta["moefx.recapturable"] = True  # dropouts baked here follow the captured module's mode
     return gm
 
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    # torch.export logs recoverable specialisations at WARNING; they are noise for moefx users.
+    # torch.export logs recoverable specialisations at WARNING and prints the partial graph of a failed
+    # export to stderr; moefx reports the failure itself, in one line.
     loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -175,11 +180,11 @@ def _fetch(root: nn.Module, target: str):
 class CapturedModule(nn.Module):
     """An exported-and-rewritten submodule, called exactly like the module it replaces.
 
-    Its parameters, buffers and submodules carry the original names (``attention.self.query.weight``), so
-    state dicts keep their keys; the MoE layers the rewrite added are submodules too. Each distinct call
-    structure (see :func:`call_key`) has its own graph; an unseen one is captured from the original module
-    (kept out of the module tree, with its dense FFN weights replaced by zero-storage placeholders) and
-    rewritten with ``rewrite``, which binds the FFNs it finds to the existing MoE layers.
+    Its children are the original module's children (same objects, so attributes such as
+    ``self_attn.batch_first`` and state-dict keys are unchanged), minus the dense FFN projections, plus the
+    MoE layers. Each distinct call structure (see :func:`call_key`) has its own graph; an unseen one is
+    captured from the original module (kept out of the module tree, with its dense FFN weights replaced by
+    zero-storage placeholders) and its FFNs are routed to the existing MoE layers.
     """
 
     def __init__(
@@ -191,17 +196,29 @@ class CapturedModule(nn.Module):
         source_class: str,
     ) -> None:
         super().__init__()
-        for name, child in gm._modules.items():
-            if not name.startswith("_guards_fn"):
-                self.add_module(name, child)
-        for name, param in gm._parameters.items():
+        for name, child in source._modules.items():
+            self.add_module(name, child)
+        for name, param in source._parameters.items():
             self.register_parameter(name, param)
-        for name, buf in gm._buffers.items():
-            self.register_buffer(name, buf)
+        for name, buf in source._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+        for name, value in source.__dict__.items():
+            if not name.startswith("_") and name != "training" and not hasattr(self, name):
+                object.__setattr__(self, name, value)
+        for modules in ffn_layers:
+            for path in modules:
+                _own_path(self, path)
+                parent, _, leaf = path.rpartition(".")
+                owner = self.get_submodule(parent)
+                (owner._parameters if leaf in owner._parameters else owner._modules).pop(leaf)
+        for name in ffn_layers.values():
+            parent, _, leaf = name.rpartition(".")
+            _own_path(self, name)
+            self.get_submodule(parent).add_module(leaf, gm.get_submodule(name))
         object.__setattr__(self, "_source", source)
-        self.ffn_layers = dict(ffn_layers)  # FFN projection modules -> name of the MoE layer replacing it
         object.__setattr__(self, "_graphs", {key: gm})
         object.__setattr__(self, "_bound", {})
+        self.ffn_layers = dict(ffn_layers)  # FFN projection modules -> name of the MoE layer replacing it
         self.source_class = source_class
         self.register_load_state_dict_post_hook(lambda module, keys: module._bound.clear())
 
@@ -253,15 +270,43 @@ class CapturedModule(nn.Module):
         return f"captured={self.source_class}, variants={len(self._graphs)}"
 
 
+def _own_path(root: nn.Module, path: str) -> None:
+    """Give ``root`` private shallow copies of the modules on ``path``'s parent chain.
+
+    The children of a CapturedModule are shared with the original module that recaptures use; before a
+    child is changed (a projection removed, an MoE layer added) it is copied, so the original keeps its own.
+    """
+    node = root
+    for part in path.split(".")[:-1]:
+        child = node._modules[part]
+        if not child.__dict__.get("_moefx_owned", False):
+            child = copy.copy(child)
+            child._modules = dict(child._modules)
+            child._parameters = dict(child._parameters)
+            child._buffers = dict(child._buffers)
+            child.__dict__["_moefx_owned"] = True
+            node._modules[part] = child
+        node = child
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def ghost_parameters(module: nn.Module) -> None:
-    """Replace ``module``'s parameters by zero-storage tensors of the same shape (for re-tracing only)."""
-    for name, param in list(module._parameters.items()):
+def ghost_parameters(root: nn.Module, path: str) -> None:
+    """Replace the parameters at ``path`` (a module or one parameter) by zero-storage tensors of the same
+    shape: the original module stays traceable for recaptures without holding the dense FFN weights."""
+    owner_path, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(owner_path)
+    if leaf in owner._parameters:
+        targets = [(owner, leaf)]
+    else:
+        module = owner.get_submodule(leaf)
+        targets = [(module, name) for name in module._parameters]
+    for module, name in targets:
+        param = module._parameters[name]
         if param is not None:
             ghost = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
             module._parameters[name] = nn.Parameter(ghost, requires_grad=False)
@@ -384,7 +429,21 @@ def _elementwise_sources(fn, outputs: dict[int, str], memo: dict[int, set[str] |
     return result
 
 
-def _containers(model: nn.Module, projections: dict[str, nn.Module]) -> list[str]:
+def weight_like(model: nn.Module) -> set[str]:
+    """Names of everything that can be an FFN projection: projection modules, and 2-D parameters used
+    functionally (``F.linear(x, self.w1)``) outside projection modules and embeddings."""
+    names = set()
+    for name, mod in model.named_modules():
+        if is_projection_module(mod):
+            names.add(name)
+        elif not isinstance(mod, nn.Embedding):
+            for pname, param in mod.named_parameters(recurse=False):
+                if param.dim() == 2:
+                    names.add(f"{name}.{pname}" if name else pname)
+    return names
+
+
+def _containers(model: nn.Module, projections) -> list[str]:
     """Modules holding at least two projections (candidate FFN containers), deepest first."""
     counts: dict[str, int] = {}
     for name in projections:

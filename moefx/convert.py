@@ -26,6 +26,7 @@ from .capture import (
     ghost_parameters,
     is_projection_module,
     record_sample_pass,
+    weight_like,
 )
 from .config import MoEConfig, select_layers
 from .errors import MoefxError, NoFFNFoundError
@@ -123,14 +124,27 @@ def analyze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: dic
     ``config`` only marks which FFNs its layer selection would convert (``FoundFFN.selected``).
     """
     inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
-    return _analyze(model, inputs, config)
+    analysis = _analyze(model, inputs, config)
+    for attempt in analysis.attempts.values():
+        if attempt.graph_module is not None:
+            _strip_analysis_meta(attempt.graph_module)
+    return analysis
+
+
+def _strip_analysis_meta(gm: nn.Module) -> None:
+    """Drop the find_ffn pass's results (they reference graph nodes and tensors) from a graph module."""
+    for module in gm.modules():
+        meta = getattr(module, "meta", None)
+        if isinstance(module, fx.GraphModule) and isinstance(meta, dict):
+            for key in [k for k in meta if k.startswith("moefx.")]:
+                meta.pop(key)
 
 
 def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
     start = time.perf_counter()
     analysis = Analysis()
-    projections = {n for n, m in model.named_modules() if is_projection_module(m)}
-    if isinstance(model, fx.GraphModule) and not projections:
+    projections = weight_like(model)
+    if isinstance(model, fx.GraphModule) and not any(is_projection_module(m) for m in model.modules()):
         # A program (e.g. a loaded .pt2): already one ATen graph, rewritten in place.
         attempt = CaptureAttempt("", "fx.GraphModule", model)
         analysis.attempts[""] = attempt
@@ -146,14 +160,19 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
     else:
         containers = _containers(model, {n: None for n in projections})
     claimed: set[str] = set()
-    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    with progress(total=len(containers), desc="capturing", unit="module") as bar:
-        for name in containers:
+    module_order = _element_order(model)
+    # Then every other module holding two or more projections, with symbolic_trace only (cheap): finds FFNs
+    # built from functional projections, which leave no trace in the sample pass.
+    sweep = [c for c in _containers(model, projections) if c not in containers]
+    with progress(total=len(containers) + len(sweep), desc="capturing", unit="module") as bar:
+        for name in containers + sweep:
             bar.update(1)
             inside = {p for p in projections if _is_inside(p, name)}
             if inside and inside <= claimed:
                 continue
-            attempt = capture_container(model, name, analysis.record)
+            attempt = capture_container(model, name, analysis.record if name in containers else None)
+            if name not in containers and not attempt.ok:
+                continue
             analysis.attempts[name] = attempt
             if not attempt.ok:
                 if inputs is not None:
@@ -193,6 +212,16 @@ def _finish(analysis: Analysis, config: MoEConfig | None, start: float) -> None:
             ffn.selected = chosen
     analysis.near_misses = _dedupe(analysis.near_misses)
     analysis.seconds = time.perf_counter() - start
+
+
+def _element_order(model: nn.Module) -> dict[str, int]:
+    """Position of every module and parameter name in definition order."""
+    order: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        order.setdefault(name, len(order))
+        for pname, _ in mod.named_parameters(recurse=False):
+            order.setdefault(f"{name}.{pname}" if name else pname, len(order))
+    return order
 
 
 def _dedupe(items: list[NearMiss]) -> list[NearMiss]:
@@ -282,6 +311,7 @@ def convert(
     start = time.perf_counter()
     config = config or MoEConfig()
     if not inplace:
+        _strip_analysis_meta(model)
         model = copy.deepcopy(model)
     inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
     analysis = _analyze(model, inputs, config)
@@ -304,6 +334,8 @@ def convert(
             new_root = _rewrite_container(model, container, ffns, config, index_of, layers_info, initialize, bar)
             if new_root is not None:
                 model = new_root
+    _apply_fixups(model)
+    _strip_analysis_meta(model)
     layers_info.sort(key=lambda d: d["position"])
     for d in layers_info:
         d.pop("position")
@@ -324,6 +356,23 @@ def convert(
     return model
 
 
+def _disable_nested_tensor_fast_path(encoder: nn.Module) -> None:
+    # nn.TransformerEncoder decides at construction whether its layers can take the nested-tensor fast path,
+    # which reads each layer's dense linear1/linear2 weights; converted layers have none.
+    encoder.use_nested_tensor = False
+
+
+#: Model classes whose own code makes assumptions about their converted children, and how to fix them up.
+_FIXUPS = {nn.TransformerEncoder: _disable_nested_tensor_fast_path}
+
+
+def _apply_fixups(model: nn.Module) -> None:
+    for module in model.modules():
+        fix = _FIXUPS.get(type(module))
+        if fix is not None and any(isinstance(m, (MoELayer, CapturedModule)) for m in module.modules()):
+            fix(module)
+
+
 def _no_ffn_message(model: nn.Module, analysis: Analysis) -> str:
     name = type(model).__name__
     if analysis.near_misses:
@@ -341,6 +390,7 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
     attempt = ffns[0].attempt
     gm: fx.GraphModule = attempt.graph_module
     wanted = {id(f.match): f for f in ffns}
+    training = model.get_submodule(container).training
     names: dict[tuple[str, ...], str] = {}
     layers: dict[str, MoELayer] = {}
 
@@ -349,6 +399,7 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
         if ffn is None:
             return None
         layer = build_moe_layer(match, config, index_of[id(ffn)], ffn.name, init=initialize)
+        layer.train(training)
         rel = _relative(ffn.name, container)
         target = _unique_name(graph_module, f"{rel}.moe" if rel else "moe")
         graph_module.add_submodule(target, layer)
@@ -365,8 +416,8 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
         replacement = layers[trivial]
     elif attempt.method == "torch.export":
         for ffn in ffns:
-            for mod in ffn.match.modules:
-                ghost_parameters(original.get_submodule(mod))
+            for path in ffn.match.modules:
+                ghost_parameters(original, path)
         replacement = CapturedModule(gm, attempt.key, original, names, type(original).__name__)
     else:
         replacement = gm

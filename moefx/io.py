@@ -113,6 +113,10 @@ def _load_hf_dir(path: Path) -> ModelSource:
     except ImportError:  # pragma: no cover
         raise ModelLoadError("loading a Hugging Face directory needs transformers: pip install 'moefx[hf]'") from None
     cls = _hf_class(config_dict)
+    from .progress import progress_disabled
+
+    if progress_disabled():
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:

@@ -7,7 +7,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress", "set_quiet"]
+__all__ = ["progress", "progress_disabled", "set_quiet"]
 
 _state = {"quiet": None}
 
@@ -17,7 +17,7 @@ def set_quiet(quiet: bool | None) -> None:
     _state["quiet"] = quiet
 
 
-def _disabled() -> bool:
+def progress_disabled() -> bool:
     if _state["quiet"] is not None:
         return bool(_state["quiet"])
     if os.environ.get("MOEFX_QUIET"):
@@ -26,5 +26,5 @@ def _disabled() -> bool:
 
 
 def progress(*, total: int | None = None, desc: str = "", unit: str = "it", unit_scale: bool = False) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=_disabled(),
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=progress_disabled(),
                 file=sys.stderr, leave=False, dynamic_ncols=True)

@@ -41,7 +41,7 @@ def render_conversion_text(report: dict[str, Any]) -> str:
     layers = report["layers"]
     cfg = report["config"]
     head = (f"converted {len(layers)} FFN(s) to MoE: router={cfg['router']}, experts={cfg['num_experts']}, "
-            f"top_k={cfg['top_k']}, init={cfg['init']} ({report['seconds']:.1f}s)")
+            f"top_k={cfg['top_k']}, init={cfg['init']} ({report['seconds']:.2f}s)")
     rows = [[d["moe"] or "(root)", d["rule"], _shape(d), f"{d['experts']}x{d['expert_size']}", d["capture"]]
             for d in layers]
     out = [head, format_table(["moe layer", "rule", "dense ffn", "experts", "captured by"], rows)]

@@ -2,7 +2,8 @@
 
 ``FindFFNPass`` annotates (``node.meta["moefx.ffn"]``, ``node.meta["moefx.rule"]``) and records its results
 in ``gm.meta["moefx.ffn_matches"]`` and ``gm.meta["moefx.near_misses"]``; it never modifies the graph.
-``RewriteFFNPass`` replaces each match the ``bind`` callback accepts with one ``call_module`` node.
+``RewriteFFNPass`` replaces each match the ``bind`` callback accepts with one ``call_module`` node, then drops
+the recorded matches (they hold references to the dense weights).
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ class RewriteFFNPass:
             _erase_nodes(graph, match.nodes)
             modified = True
         if modified:
-            for node in list(graph.nodes):
-                if node.op == "get_attr" and not node.users:
-                    graph.erase_node(node)
+            _eliminate_dead_code(graph)
             gm.delete_all_unused_submodules()
+        # The matches reference the dense weights; drop them so the rewritten module does not keep them alive.
+        gm.meta.pop("moefx.ffn_matches", None)
+        gm.meta.pop("moefx.near_misses", None)
         return PassResult(gm, modified)
 
 
@@ -87,6 +89,17 @@ def _erase_nodes(graph: fx.Graph, nodes: list[fx.Node]) -> None:
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)
+
+
+def _eliminate_dead_code(graph: fx.Graph) -> None:
+    """Remove nodes left without users (weights, shape arithmetic on removed nodes); keep impure ones."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("call_function", "call_method", "get_attr") and not node.users and not node.is_impure():
+                graph.erase_node(node)
+                changed = True
 
 
 def rewrite_with_layers(gm: fx.GraphModule, owner: nn.Module, layers: dict[tuple[str, ...], str]) -> bool:

@@ -82,17 +82,22 @@ def _get_attr_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def _param_module(node: fx.Node) -> str:
-    return node.target.rsplit(".", 1)[0] if "." in node.target else ""
+    """The projection's name: the owning module of a ``weight`` (nn.Linear, Conv1D), else the parameter."""
+    owner, _, attr = node.target.rpartition(".")
+    return owner if attr == "weight" and owner else node.target
 
 
 _VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_TRANSPOSE_TARGETS = {aten.t.default, aten.transpose.int, aten.permute.default}
+_TRANSPOSE_TARGETS = {aten.t.default, aten.transpose.int, aten.permute.default, torch.t, torch.transpose, torch.permute}
+_ADDMM_TARGETS = {aten.addmm.default, torch.addmm}
+_MM_TARGETS = {aten.mm.default, aten.matmul.default, torch.mm, torch.matmul, operator.matmul}
+_ADD_TARGETS = {aten.add.Tensor, operator.add, torch.add}
 
 
 def _is_view(node) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    if node.op == "call_function" and node.target in _VIEW_TARGETS | {torch.reshape}:
+    if node.op == "call_function" and node.target in (*_VIEW_TARGETS, torch.reshape):
         return True
     return node.op == "call_method" and node.target in ("view", "reshape")
 
@@ -154,13 +159,21 @@ def _functional_linear(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
     return LinearSite(form, args[0], node, [node], weight, bias, _param_module(args[1]))
 
 
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _TRANSPOSE_TARGETS:
+        if node.target in (aten.permute.default, torch.permute):
+            return list(node.args[1]) == [1, 0]
+        return True
+    return (node.op == "call_method" and node.target in ("t", "T")) or (
+        node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:3]) in ([0, 1], [-1, 0])
+    )
+
+
 def _weight_operand(gm: fx.GraphModule, node) -> tuple[torch.Tensor, str, list[fx.Node]] | None:
     """The ``[out, in]`` weight behind the right operand of ``x2d @ W'`` (``W' = W^T`` or Conv1D's ``W``)."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "call_function" and node.target in _TRANSPOSE_TARGETS:
-        if node.target is aten.permute.default and list(node.args[1]) != [1, 0]:
-            return None
+    if _is_transpose(node):
         w = _get_attr_tensor(gm, node.args[0])
         if w is not None and w.dim() == 2 and len(node.users) == 1:
             return w, _param_module(node.args[0]), [node]
@@ -172,7 +185,7 @@ def _weight_operand(gm: fx.GraphModule, node) -> tuple[torch.Tensor, str, list[f
 
 
 def _aten_addmm(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
-    if node.op != "call_function" or node.target is not aten.addmm.default:
+    if node.op != "call_function" or node.target not in _ADDMM_TARGETS:
         return None
     if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         return None
@@ -187,7 +200,7 @@ def _aten_addmm(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
 
 
 def _aten_mm_bias(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
-    if node.op != "call_function" or node.target not in (aten.mm.default, aten.matmul.default):
+    if node.op != "call_function" or node.target not in _MM_TARGETS:
         return None
     operand = _weight_operand(gm, node.args[1])
     if operand is None:
@@ -198,7 +211,7 @@ def _aten_mm_bias(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
     out, bias = node, None
     if len(node.users) == 1:
         (user,) = node.users
-        if user.op == "call_function" and user.target is aten.add.Tensor and user.args[0] is node:
+        if user.op == "call_function" and user.target in _ADD_TARGETS and user.args[0] is node:
             b = _get_attr_tensor(gm, user.args[1])
             if b is not None and b.dim() == 1 and b.shape[0] == weight.shape[0]:
                 out, bias = user, b
@@ -251,13 +264,17 @@ _SPLIT_TARGETS = {
 
 
 def _dropout_p(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """Dropout probability if ``node`` is a dropout, else None."""
+    """Dropout probability if ``node`` is a dropout (0.0 for one baked inactive into the graph), else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return float(mod.p) if isinstance(mod, nn.Dropout) else None
     if node.op == "call_function" and node.target in _DROPOUT_TARGETS:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        return float(p)
+        p = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5))
+        stack = node.meta.get("nn_module_stack")
+        if gm.meta.get("moefx.recapturable") and stack and "Dropout" in str(list(stack.values())[-1][-1]):
+            return p  # from an nn.Dropout in a graph moefx recaptures per train/eval mode: it is live
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training", True))
+        return p if training else 0.0
     return None
 
 
@@ -291,6 +308,35 @@ def describe(node: fx.Node) -> str:
 
 def _is_ignored_user(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _IGNORED_USERS
+
+
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
+_SHAPE_FUNCTIONS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+_INT_ARITH = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, getattr}
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return node.args[1] in _SHAPE_ATTRS
+        return node.target in _SHAPE_FUNCTIONS
+    return False
+
+
+def _feeds_only(node: fx.Node, inside: set[fx.Node], depth: int = 0) -> bool:
+    """Every transitive user of the shape value ``node`` is inside the FFN or more shape arithmetic on it."""
+    if depth > 8:
+        return False
+    for user in node.users:
+        if user in inside:
+            continue
+        if user.op == "call_function" and user.target in _INT_ARITH and _feeds_only(user, inside, depth + 1):
+            continue
+        return False
+    return True
 
 
 @dataclass
@@ -467,11 +513,14 @@ class FFNRule:
                 inside.add(s.split)
         for node in inside - set(down.nodes):
             for user in node.users:
-                if user not in inside and not _is_ignored_user(user):
-                    return fail(
-                        f"the hidden activation {node.name} is also used by {describe(user)}, so the FFN is "
-                        "not pure (converting it would change what that user sees)"
-                    )
+                if user in inside or _is_ignored_user(user):
+                    continue
+                if _is_shape_read(user) and _feeds_only(user, inside):
+                    continue  # reads only the shape, to reshape the FFN's own output
+                return fail(
+                    f"the hidden activation {node.name} is also used by {describe(user)}, so the FFN is "
+                    "not pure (converting it would change what that user sees)"
+                )
         ordered_inputs = [s.node for s in hidden.sources]
         if self.fused:
             split = hidden.sources[0].split

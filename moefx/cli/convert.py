@@ -1,0 +1,138 @@
+"""``moefx convert MODEL -o OUT``: convert the dense FFNs of MODEL into MoE layers and save the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from moefx.config import EXPERT_INITS, ROUTERS, MoEConfig
+from moefx.errors import ConfigError, OutputExistsError
+
+from . import add_common_flags
+
+__all__ = ["add_model_flags", "add_parser", "config_from_args", "run"]
+
+_EXAMPLES = """examples:
+  moefx convert model_dir/ --experts 8 --top-k 2 -o out/
+  moefx convert model_dir/ --top-k 1 --capacity-factor 1.25 --every 2 -o out/     Switch-style
+  moefx convert program.pt2 --init random --expert-size 256 -o out/ --force
+  moefx convert my_pkg.models:build --last 4 -o out/                               V-MoE style
+"""
+
+#: MoEConfig field -> the flag that sets it (used to phrase config errors in CLI terms).
+FIELD_FLAGS = {
+    "num_experts": "--experts", "top_k": "--top-k", "capacity_factor": "--capacity-factor",
+    "normalize_weights": "--no-normalize", "router_init_std": "--router-init-std", "init_noise": "--init-noise",
+    "expert_size": "--expert-size", "load_balance_weight": "--load-balance-weight",
+    "z_loss_weight": "--z-loss-weight", "router": "--router", "init": "--init", "seed": "--seed",
+    "every": "--every", "last": "--last", "layers": "--layers", "exclude": "--exclude",
+}
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Hugging Face model directory, a .pt2 program, a .pt module, or package.module:factory")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow loading pickled .pt models (this runs code from the file)")
+
+
+def add_selection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("layer selection (criteria combine)")
+    group.add_argument("--every", type=int, default=1, metavar="K", help="convert every K-th FFN (K=2: GShard/Switch)")
+    group.add_argument("--last", type=int, default=None, metavar="N", help="convert only the last N FFNs (V-MoE)")
+    group.add_argument("--layers", default=None, metavar="REGEX", help="convert only FFNs whose name matches REGEX")
+    group.add_argument("--exclude", default=None, metavar="REGEX", help="never convert FFNs whose name matches REGEX")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert", help="convert dense FFNs into MoE layers and save the model",
+        description="Convert the dense FFNs of MODEL into Mixture-of-Experts layers and write OUT/ "
+                    "(weights, recipe.json, report).",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_flags(parser)
+    parser.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
+                        help="output directory (default: MODEL name + '-moe' in the current directory)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    routing = parser.add_argument_group("routing")
+    routing.add_argument("--router", default="topk", help=f"router: {', '.join(ROUTERS)} (default topk)")
+    routing.add_argument("--experts", type=int, default=8, metavar="E", help="experts per MoE layer (default 8)")
+    routing.add_argument("--top-k", type=int, default=2, metavar="K", help="experts per token (default 2)")
+    routing.add_argument("--capacity-factor", type=float, default=None, metavar="CF",
+                         help="expert capacity ceil(tokens*CF/E); tokens over it are dropped (default: dropless)")
+    routing.add_argument("--no-normalize", action="store_true",
+                         help="weight experts by raw softmax gates instead of renormalised top-k")
+    routing.add_argument("--load-balance-weight", type=float, default=0.01, metavar="W")
+    routing.add_argument("--z-loss-weight", type=float, default=0.0, metavar="W")
+    experts = parser.add_argument_group("experts")
+    experts.add_argument("--init", default="upcycle", help=f"expert init: {', '.join(EXPERT_INITS)} (default upcycle)")
+    experts.add_argument("--init-noise", type=float, default=0.0, metavar="STD",
+                         help="relative noise added to upcycled experts to break symmetry")
+    experts.add_argument("--expert-size", type=int, default=None, metavar="I",
+                         help="hidden size of each expert (default: the dense FFN's)")
+    experts.add_argument("--seed", type=int, default=0)
+    add_selection_flags(parser)
+    add_common_flags(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MoEConfig:
+    try:
+        return MoEConfig(
+            router=getattr(args, "router", "topk"),
+            num_experts=getattr(args, "experts", 8),
+            top_k=getattr(args, "top_k", 2),
+            capacity_factor=getattr(args, "capacity_factor", None),
+            normalize_weights=not getattr(args, "no_normalize", False),
+            load_balance_weight=getattr(args, "load_balance_weight", 0.01),
+            z_loss_weight=getattr(args, "z_loss_weight", 0.0),
+            init=getattr(args, "init", "upcycle"),
+            init_noise=getattr(args, "init_noise", 0.0),
+            expert_size=getattr(args, "expert_size", None),
+            seed=getattr(args, "seed", 0),
+            every=args.every,
+            last=args.last,
+            layers=args.layers,
+            exclude=args.exclude,
+        )
+    except ConfigError as exc:
+        raise ConfigError(_in_flag_terms(str(exc))) from None
+
+
+def _in_flag_terms(message: str) -> str:
+    fields = "|".join(sorted(FIELD_FLAGS, key=len, reverse=True))
+    return re.sub(rf"\b({fields})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
+
+
+def default_output(model: str) -> Path:
+    stem = Path(model.rstrip("/")).name.split(":")[-1] if ":" in model else Path(model.rstrip("/")).stem
+    return Path(f"{stem or 'model'}-moe")
+
+
+def run(args: argparse.Namespace) -> int:
+    import moefx
+    from moefx.io import load_source
+    from moefx.report import render_conversion_text
+
+    config = config_from_args(args)
+    out = args.output or default_output(args.model)
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+    source = load_source(args.model, trust_remote_code=args.trust_remote_code)
+    inputs = source.example_inputs or (None, None)
+    model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
+                          source=source.to_dict())
+    moefx.save(model, out, force=args.force)
+    report = model.moefx_info.report()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(render_conversion_text(report))
+        print(f"saved to {out}/ (recipe.json, model.safetensors, report.md)")
+    return 0

@@ -1,0 +1,132 @@
+"""Conversion of real transformers architectures and torch.nn.TransformerEncoder (random weights, no network).
+
+For each: as many MoE layers as FFNs, upcycle + renormalised top-k reproduces the dense output on inputs other
+than the example inputs, backward reaches every expert, and save -> load gives identical outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moefx
+from conftest import tiny_hf_model
+from moefx.capture import CapturedModule
+
+# model -> number of FFNs it has (T5: encoder and decoder blocks)
+ARCHS = {"bert": 2, "gpt2": 2, "llama": 2, "mistral": 2, "t5": 4, "t5-gated": 4, "vit": 2, "distilbert": 2}
+
+
+def _inputs(name: str, model, batch=3, seq=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(1, 96, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # padding: BERT-like layers see an attention mask they did not see at capture
+    if name.startswith("t5"):
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else next(iter(out.values()))
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_upcycle_reproduces_dense(name):
+    dense = tiny_hf_model(name)
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init="upcycle"))
+    assert type(moe) is type(dense)
+    assert len(moefx.moe_layers(moe)) == ARCHS[name]
+    assert all(d["rule"] for d in moe.moefx_info.layers)
+    inputs = _inputs(name, dense)
+    with torch.no_grad():
+        want = _first(dense(**inputs))
+        got = _first(moe(**inputs))
+    rel = (got - want).abs().max() / want.abs().max()
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5", "vit"])
+def test_backward_reaches_every_expert(name):
+    dense = tiny_hf_model(name)
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init="random"))
+    moe.train()
+    inputs = _inputs(name, dense, batch=4, seq=16)
+    _first(moe(**inputs)).float().pow(2).mean().backward()
+    for layer_name, layer in moefx.moe_layers(moe):
+        for pname, param in layer.named_parameters():
+            assert param.grad is not None, f"{layer_name}.{pname} got no gradient"
+        # every expert's slice of the bank got a non-zero gradient
+        per_expert = layer.experts.w1.grad.abs().flatten(1).sum(1)
+        assert (per_expert > 0).all(), f"{layer_name}: experts without gradient {per_expert}"
+    assert moefx.aux_loss(moe).requires_grad
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_converted_causal_lm_generates_the_same_tokens(name):
+    dense = tiny_hf_model(name)
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init="upcycle"))
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    want = dense.generate(ids, max_new_tokens=10, do_sample=False)
+    got = moe.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "t5", "vit"])
+def test_save_load_round_trip(name, tmp_path):
+    moe = moefx.convert(tiny_hf_model(name), moefx.MoEConfig(num_experts=4, top_k=2, init="random", seed=3))
+    moefx.save(moe, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out")
+    assert type(loaded) is type(moe)
+    assert [n for n, _ in moefx.moe_layers(loaded)] == [n for n, _ in moefx.moe_layers(moe)]
+    inputs = _inputs(name, moe)
+    with torch.no_grad():
+        assert torch.equal(_first(moe(**inputs)), _first(loaded(**inputs)))
+
+
+def test_torch_transformer_encoder():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+    dense = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(torch.randn(2, 5, 32),))
+    assert len(moefx.moe_layers(moe)) == 2
+    assert all(isinstance(m, CapturedModule) for m in moe.layers)
+    assert moe.layers[0].self_attn.batch_first  # the original submodules (and attributes) are kept
+    x = torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
+        got, want = moe(x, src_key_padding_mask=pad), dense(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], want[~pad], rtol=1e-5, atol=1e-5)
+    assert moe.layers[0].num_variants == 2  # captured again for the padding mask
+    moe.train()
+    moe(x).sum().backward()
+    assert all(p.grad is not None for _, layer in moefx.moe_layers(moe) for p in layer.parameters())
+
+
+def test_captured_module_follows_train_and_eval_modes():
+    dense = tiny_hf_model("bert")
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=2, top_k=2))
+    inputs = _inputs("bert", dense)
+    moe.train()
+    torch.manual_seed(0)
+    a = _first(moe(**inputs))
+    torch.manual_seed(1)
+    b = _first(moe(**inputs))
+    assert not torch.equal(a, b)  # dropout is live in training mode
+    moe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_first(moe(**inputs)), _first(dense(**inputs)), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_keeps_original_names_for_dense_parts():
+    dense = tiny_hf_model("bert")
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=2, top_k=1))
+    dense_keys = set(dense.state_dict())
+    moe_keys = set(moe.state_dict())
+    ffn = {k for k in dense_keys if ".intermediate.dense." in k or ".output.dense." in k and "attention" not in k}
+    assert dense_keys - ffn <= moe_keys
+    assert any(".moe.experts.w1" in k for k in moe_keys)

@@ -23,6 +23,7 @@ import copy
 import io
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "SampleRecord",
     "export_module",
     "is_projection_module",
+    "quiet_torch_export",
     "record_sample_pass",
     "symbolic_trace_module",
 ]
@@ -130,7 +132,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
     shim = _FlatCall(module, leaves, spec)
-    with _quiet_export():
+    with quiet_torch_export():
         ep = torch.export.export(shim, tensors, dynamic_shapes=(dims,), strict=False)
     gm = ep.module()
     _hoist_attrs(gm, "mod")
@@ -139,15 +141,17 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
+def quiet_torch_export() -> Iterator[None]:
     # torch.export logs recoverable specialisations at WARNING and prints the partial graph of a failed
     # export to stderr; moefx reports the failure itself, in one line.
-    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes")]
+    names = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):

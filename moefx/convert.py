@@ -390,7 +390,8 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
     attempt = ffns[0].attempt
     gm: fx.GraphModule = attempt.graph_module
     wanted = {id(f.match): f for f in ffns}
-    training = model.get_submodule(container).training
+    # A loaded program's train/eval mode is baked into its graph (it cannot switch): its MoE layers run in eval.
+    training = model.get_submodule(container).training and attempt.method != "fx.GraphModule"
     names: dict[tuple[str, ...], str] = {}
     layers: dict[str, MoELayer] = {}
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .capture import quiet_torch_export
 from .config import MoEConfig
 from .errors import ModelLoadError, MoefxError, OutputExistsError, UnsafeFileError
 
@@ -138,7 +139,7 @@ def _hf_class(config_dict: dict[str, Any]):
 
 def _load_pt2(path: Path) -> ModelSource:
     try:
-        with _quiet_torch_load():
+        with quiet_torch_export():
             program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a valid torch.export program ({_first_line(exc)}); "
@@ -216,15 +217,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet_torch_load() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,7 +404,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
             f"unexpected {list(unexpected)[:3]})"
         )
     converted.moefx_info.source = dict(recipe["source"])
-    converted.eval()
+    with contextlib.suppress(NotImplementedError):  # a torch.export program: its mode is baked into the graph
+        converted.eval()
     return converted
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import moefx
-from conftest import tiny_hf_model
 from moefx.capture import CapturedModule
+
+from conftest import tiny_hf_model
 
 # model -> number of FFNs it has (T5: encoder and decoder blocks)
 ARCHS = {"bert": 2, "gpt2": 2, "llama": 2, "mistral": 2, "t5": 4, "t5-gated": 4, "vit": 2, "distilbert": 2}
@@ -127,6 +128,6 @@ def test_state_dict_keeps_original_names_for_dense_parts():
     moe = moefx.convert(dense, moefx.MoEConfig(num_experts=2, top_k=1))
     dense_keys = set(dense.state_dict())
     moe_keys = set(moe.state_dict())
-    ffn = {k for k in dense_keys if ".intermediate.dense." in k or ".output.dense." in k and "attention" not in k}
+    ffn = {k for k in dense_keys if ".intermediate.dense." in k or (".output.dense." in k and "attention" not in k)}
     assert dense_keys - ffn <= moe_keys
     assert any(".moe.experts.w1" in k for k in moe_keys)

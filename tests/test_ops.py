@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moefx  # noqa: F401  (registers the ops)
+import moefx
 from moefx.activations import ACTIVATIONS
 from moefx.layers import ExpertBank, MoELayer
 from moefx.routers import TopKRouter
@@ -14,7 +14,7 @@ from moefx.routers import TopKRouter
 
 def _weights(E=4, H=8, I=12, O=8, gated=False, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3
     return (r(E, I, H), r(E, I) if bias else None, r(E, I, H) if gated else None,
             r(E, I) if gated and bias else None, r(E, O, I), r(E, O) if bias else None)
 

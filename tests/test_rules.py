@@ -9,6 +9,7 @@ from torch import nn
 
 import moefx
 from moefx.passes import FindFFNPass
+
 from toy_models import MLP, Block, FusedGatedMLP, GatedMLP, ReusedHidden, Stack
 
 
@@ -44,9 +45,9 @@ class AddmmMLP(nn.Module):
         self.b2 = nn.Parameter(torch.randn(d) * 0.2)
 
     def forward(self, x):
-        h = torch.addmm(self.b1, x.view(-1, x.size(-1)), self.w1).view(x.size()[:-1] + (self.w1.shape[1],))
+        h = torch.addmm(self.b1, x.view(-1, x.size(-1)), self.w1).view(x.size()[:-1] + (self.w1.shape[1],))  # noqa: RUF005 (fx cannot unpack)
         h = F.gelu(h, approximate="tanh")
-        return torch.addmm(self.b2, h.view(-1, h.size(-1)), self.w2).view(h.size()[:-1] + (self.w2.shape[1],))
+        return torch.addmm(self.b2, h.view(-1, h.size(-1)), self.w2).view(h.size()[:-1] + (self.w2.shape[1],))  # noqa: RUF005
 
 
 class MmBiasMLP(nn.Module):

@@ -8,10 +8,10 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    def __init__(self, d=16, h=32, act=nn.GELU(), bias=True, dropout=0.0):
+    def __init__(self, d=16, h=32, act=None, bias=True, dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(d, h, bias=bias)
-        self.act = act
+        self.act = act if act is not None else nn.GELU()
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(h, d, bias=bias)
 

@@ -1,0 +1,162 @@
+"""The moefx command: the happy path on every MODEL form, and bad input -> one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moefx
+from moefx.cli import main
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``moefx`` entry point in a subprocess (the real CLI, exit codes and streams)."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS), MOEFX_QUIET="1")
+    return subprocess.run([sys.executable, "-m", "moefx.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from conftest import tiny_hf_model
+
+    path = tmp_path_factory.mktemp("hf") / "bert"
+    tiny_hf_model("bert").save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_convert_then_inspect_hf_directory(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", str(hf_dir), "--experts", "4", "--top-k", "2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "converted 2 FFN(s)" in result.stdout and "exact" in result.stdout
+    assert {p.name for p in out.iterdir()} >= {"recipe.json", "model.safetensors", "report.json", "report.md"}
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["config"]["num_experts"] == 4 and len(recipe["layers"]) == 2
+    result = run_cli("inspect", str(out))
+    assert result.returncode == 0 and "encoder.layer.0.moe" in result.stdout
+    loaded = moefx.load(out)
+    assert len(moefx.moe_layers(loaded)) == 2
+
+
+def test_inspect_reports_ffns_and_near_misses(capsys):
+    assert main(["inspect", "toy_models:reused_hidden", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ffns"] == []
+    assert any("not pure" in m["reason"] for m in data["near_misses"])
+    assert main(["inspect", "toy_models:stack_of_mlps", "--every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 FFN(s) found, 1 selected" in out
+
+
+def test_convert_factory_and_pt2_sources(tmp_path, capsys):
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(tmp_path / "a"), "--experts", "2",
+                 "--top-k", "1", "--init", "random"]) == 0
+    model, inputs = __import__("toy_models").stack_of_mlps()
+    program = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, inputs), program)
+    assert main(["convert", str(program), "-o", str(tmp_path / "b"), "--experts", "2"]) == 0
+    loaded = moefx.load(tmp_path / "b")
+    assert len(moefx.moe_layers(loaded)) == 3
+    torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_pickle_is_refused_without_opt_in_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload()))
+    result = run_cli("convert", str(evil), "-o", str(tmp_path / "out"))
+    assert_clean_error(result, "evil.pt", "--trust-remote-code")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_with_opt_in(tmp_path, capsys):
+    model, _ = __import__("toy_models").stack_of_mlps()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    # a plain module traces without example inputs
+    assert main(["convert", str(path), "--trust-remote-code", "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "recipe.json").exists()
+
+
+BAD_CASES = {
+    "missing file": (["convert", "does/not/exist.pt2"], ["does/not/exist.pt2", "no such file"]),
+    "wrong format": (["convert", "{tmp}/notes.pt2"], ["notes.pt2", "not a valid torch.export program"]),
+    "unknown extension": (["convert", "{tmp}/notes.txt"], ["notes.txt", "unknown model format"]),
+    "no config.json": (["convert", "{tmp}"], ["config.json"]),
+    "no FFN": (["convert", "toy_models:no_ffn", "-o", "{tmp}/o"], ["no FFN moefx can convert"]),
+    "untraceable": (["convert", "toy_models:untraceable", "-o", "{tmp}/o"],
+                    ["blocks.0.ffn", "no tracer could capture DataDependentFFN"]),
+    "top-k > experts": (["convert", "toy_models:stack_of_mlps", "--experts", "2", "--top-k", "3"],
+                        ["--top-k=3 is larger than --experts=2"]),
+    "zero experts": (["convert", "toy_models:stack_of_mlps", "--experts", "0"], ["--experts must be at least 1"]),
+    "negative capacity": (["convert", "toy_models:stack_of_mlps", "--capacity-factor", "-1"],
+                          ["--capacity-factor must be positive"]),
+    "unknown router": (["convert", "toy_models:stack_of_mlps", "--router", "nope"], ["'nope'", "choose one of", "topk"]),
+    "not an int": (["convert", "toy_models:stack_of_mlps", "--experts", "many"], ["invalid int value"]),
+    "bad factory": (["convert", "toy_models:does_not_exist"], ["has no attribute"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_one_clear_line(case, tmp_path):
+    (tmp_path / "notes.pt2").write_text("not a program")
+    (tmp_path / "notes.txt").write_text("hello")
+    args, needles = BAD_CASES[case]
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
+    assert_clean_error(result, *needles)
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith("-moe") or ".tmp-" in p.name]
+
+
+def test_existing_output_needs_force_and_is_left_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "recipe.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
+
+
+def test_failed_conversion_leaves_existing_output_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["convert", "toy_models:no_ffn", "-o", str(out), "--force"]) == 2
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_version_and_help():
+    result = run_cli("--version")
+    assert result.returncode == 0 and moefx.__version__ in result.stdout
+    result = run_cli("convert", "--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "--capacity-factor" in result.stdout

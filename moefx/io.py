@@ -397,7 +397,9 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
     try:
         missing, unexpected = load_model(converted, str(out / "model.safetensors"), strict=False)
     except Exception as exc:
-        raise ModelLoadError(f"{out}/model.safetensors: cannot be loaded ({_first_line(exc)})") from None
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), _first_line(exc))
+        raise ModelLoadError(f"{out}/model.safetensors does not fit the rebuilt model ({detail}); "
+                             "was it converted from another model?") from None
     if missing or unexpected:
         raise ModelLoadError(
             f"{out}/model.safetensors does not fit the rebuilt model (missing {list(missing)[:3]}, "

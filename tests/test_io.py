@@ -1,0 +1,70 @@
+"""save/load of converted models built from Python objects, determinism, and the atomic output directory."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from toy_models import MLP, Block, GatedMLP, Stack
+
+import moefx
+from moefx.errors import ModelLoadError, OutputExistsError
+from moefx.io import atomic_output_dir
+
+
+def _model():
+    torch.manual_seed(0)
+    return Stack([Block(MLP()), Block(GatedMLP())]).eval()
+
+
+def test_plain_module_round_trip_needs_the_dense_model(tmp_path):
+    x = torch.randn(2, 4, 16)
+    moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=3, top_k=2, init="random"), example_inputs=(x,))
+    moefx.save(moe, tmp_path / "out")
+    with pytest.raises(ModelLoadError, match=r"pass the dense model: moefx.load\(out, model="):
+        moefx.load(tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out", model=Stack([Block(MLP()), Block(GatedMLP())]))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), moe(x))
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_inputs_and_seed_give_identical_files(tmp_path):
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
+    for name in ("a", "b"):
+        moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=4, init="random", seed=7), example_inputs=(x,))
+        moefx.save(moe, tmp_path / name)
+    for file in ("model.safetensors", "recipe.json"):
+        assert _digest(tmp_path / "a" / file) == _digest(tmp_path / "b" / file)
+    moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=4, init="random", seed=8), example_inputs=(x,))
+    moefx.save(moe, tmp_path / "c")
+    assert _digest(tmp_path / "a" / "model.safetensors") != _digest(tmp_path / "c" / "model.safetensors")
+
+
+def test_atomic_output_dir_keeps_existing_output_on_failure(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(OutputExistsError):
+        with atomic_output_dir(out):
+            pass
+    with pytest.raises(RuntimeError), atomic_output_dir(out, force=True) as tmp:
+        (tmp / "half").write_text("half-written")
+        raise RuntimeError("disk full")
+    assert (out / "old").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
+
+
+def test_load_rejects_weights_of_another_model(tmp_path):
+    moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=2), example_inputs=(torch.randn(1, 2, 16),))
+    moefx.save(moe, tmp_path / "out")
+    other = Stack([Block(MLP(h=24)), Block(GatedMLP())])
+    with pytest.raises(ModelLoadError, match="does not fit the rebuilt model|differ"):
+        moefx.load(tmp_path / "out", model=other)

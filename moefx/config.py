@@ -20,6 +20,10 @@ CONFIG_VERSION = 1
 #: Routers this version of moefx implements, with a one-line description for ``--help``.
 ROUTERS: dict[str, str] = {
     "topk": "token choice top-k (Switch k=1, GShard/GLaM k=2, Mixtral-style renormalised), capacity or dropless",
+    "bpr": "token choice top-k with Batch Priority Routing (V-MoE): confident tokens fill capacity first",
+    "expert-choice": "Expert Choice (Zhou et al. 2022): each expert takes its top-C tokens; not causal",
+    "soft": "Soft MoE (Puigcerver et al. 2023): experts process weighted averages of tokens; not causal",
+    "task": "Task-MoE (Kudugunta et al. 2021): route by task id (moefx.task_ids), extractable per task",
 }
 
 #: How the experts of a converted FFN are initialised.
@@ -36,15 +40,31 @@ class MoEConfig:
     Routing:
         router: the router name (see :data:`ROUTERS`).
         num_experts: experts per MoE layer.
-        top_k: experts each token is sent to (token-choice routers).
-        capacity_factor: expert capacity ``C = ceil(tokens * capacity_factor / num_experts)``; tokens routed
-            past it are dropped (their FFN output is zero, so they pass through the residual). ``None`` is
-            dropless.
+        top_k: experts each token is sent to (``topk``, ``bpr``); experts each task uses (``task``).
+        capacity_factor: ``topk``/``bpr``: expert capacity ``C = ceil(tokens * capacity_factor / num_experts)``
+            over the tokens of one call; assignments past it are dropped (their FFN output is zero, so the token
+            passes through the residual). ``None`` is dropless (``bpr`` needs a number). ``expert-choice``: each
+            expert takes ``C = ceil(group_tokens * capacity_factor / num_experts)`` tokens of each sequence
+            (``None``: ``top_k``, the compute of token-choice top-k). ``soft``: slots per expert
+            ``p = ceil(group_tokens * capacity_factor / num_experts)`` (``None``: 1.0). ``task``: must be None.
         normalize_weights: renormalise the top-k gate values to sum to one (Mixtral); otherwise the raw
             softmax probabilities weight the experts (Switch, GShard).
         router_init_std: standard deviation of the router's initial weights.
         load_balance_weight, z_loss_weight: weights of the Switch load-balancing loss and the ST-MoE router
             z-loss, read with ``moefx.aux_loss(model)`` after a forward pass.
+        local_entropy_weight, global_entropy_weight: weights of the LIMoE entropy losses: the mean per-token
+            routing entropy (minimised: confident routing) and minus the entropy of the mean routing
+            distribution (maximised: all experts used). Computed per modality under ``moefx.modality(mask)``
+            and averaged over the modalities present.
+        global_entropy_threshold: LIMoE's threshold ``tau`` (nats): the global loss is
+            ``max(0, tau - H(mean p))``, so it stops pushing once the entropy reaches ``tau``
+            (``log(n)`` asks for at least about n experts). ``None``: the plain ``-H(mean p)``.
+        slots_per_expert: Soft MoE slots per expert ``p``, fixed; ``None`` sets it from each sequence's token
+            count (see ``capacity_factor``), using at most ``max_slots_per_expert`` learned slots per expert.
+        max_slots_per_expert: size of the Soft MoE slot bank when ``slots_per_expert`` is None.
+        num_tasks: number of task ids the ``task`` router learns a route for (required by it).
+        allow_noncausal: allow a token-mixing router (``soft``, ``expert-choice``) in a causal decoder,
+            where it leaks future tokens into earlier positions (see ``routers.check_router_causality``).
 
     Experts:
         init: ``"upcycle"`` or ``"random"`` (see :data:`EXPERT_INITS`).
@@ -68,6 +88,13 @@ class MoEConfig:
     router_init_std: float = 0.02
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.0
+    local_entropy_weight: float = 0.0
+    global_entropy_weight: float = 0.0
+    global_entropy_threshold: float | None = None
+    slots_per_expert: int | None = None
+    max_slots_per_expert: int = 64
+    num_tasks: int | None = None
+    allow_noncausal: bool = False
     init: str = "upcycle"
     init_noise: float = 0.0
     expert_size: int | None = None
@@ -99,10 +126,12 @@ class MoEConfig:
                 )
         if self.init not in EXPERT_INITS:
             raise ConfigError(f"unknown init {self.init!r}: choose one of {', '.join(sorted(EXPERT_INITS))}")
-        for name in ("init_noise", "router_init_std", "load_balance_weight", "z_loss_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("init_noise", "router_init_std", "load_balance_weight", "z_loss_weight",
+                     "local_entropy_weight", "global_entropy_weight"):
+            _check_non_negative(name, getattr(self, name))
+        if self.global_entropy_threshold is not None:
+            _check_non_negative("global_entropy_threshold", self.global_entropy_threshold)
+        self._check_router_options()
         if self.expert_size is not None:
             _check_int("expert_size", self.expert_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
@@ -116,6 +145,36 @@ class MoEConfig:
                     re.compile(pattern)
                 except re.error as exc:
                     raise ConfigError(f"{name}={pattern!r} is not a valid regular expression: {exc}") from None
+
+    def _check_router_options(self) -> None:
+        router = self.router
+        if self.slots_per_expert is not None:
+            _check_int("slots_per_expert", self.slots_per_expert, minimum=1)
+            if router != "soft":
+                raise ConfigError(f"slots_per_expert only applies to router='soft' (router is {router!r})")
+        _check_int("max_slots_per_expert", self.max_slots_per_expert, minimum=1)
+        if self.num_tasks is not None:
+            _check_int("num_tasks", self.num_tasks, minimum=1)
+            if router != "task":
+                raise ConfigError(f"num_tasks only applies to router='task' (router is {router!r})")
+        if not isinstance(self.allow_noncausal, bool):
+            raise ConfigError(f"allow_noncausal must be True or False, got {self.allow_noncausal!r}")
+        if router == "task":
+            if self.num_tasks is None:
+                raise ConfigError(
+                    "router='task' needs num_tasks, the number of task ids it learns a route for, "
+                    "e.g. MoEConfig(router='task', num_tasks=4)"
+                )
+            if self.capacity_factor is not None:
+                raise ConfigError(
+                    "router='task' is dropless (every token of a task goes to the task's experts); "
+                    f"leave capacity_factor=None (got {self.capacity_factor})"
+                )
+        if router == "bpr" and self.capacity_factor is None:
+            raise ConfigError(
+                "router='bpr' orders tokens by priority to fill a limited capacity, so it needs a "
+                "capacity_factor (e.g. 1.0); without one use router='topk'"
+            )
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +202,11 @@ class MoEConfig:
     def replace(self, **changes: Any) -> MoEConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -3,6 +3,12 @@
 ``MoELayer`` = a router + an :class:`ExpertBank` (stacked expert weights in the layout ONNX Runtime's
 ``com.microsoft.MoE`` takes: up ``[E, I, H]``, down ``[E, O, I]``) + the dense FFN's activation, biases and
 hidden dropout. It maps ``[..., H]`` to ``[..., O]`` like the FFN it replaces.
+
+Routers see the tokens as groups: for an input ``[..., S, H]`` a group is one sequence (the ``S`` tokens
+along the second-to-last dimension); a 2-D input ``[T, H]`` is one group. Token-mixing routers (Soft MoE,
+Expert Choice) mix tokens only within a group, so one sequence's output never depends on another's.
+
+:func:`routing_stats` reads every layer's routing statistics after a forward pass.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from torch import nn
 
 from . import ops
 from .activations import ACTIVATIONS
-from .routers import Router
+from .routers import Router, Routing, RoutingStats
 
-__all__ = ["ExpertBank", "MoELayer"]
+__all__ = ["ExpertBank", "MoELayer", "routing_stats"]
 
 
 class ExpertBank(nn.Module):
@@ -60,6 +66,22 @@ class ExpertBank(nn.Module):
         """``(w1, b1, w3, b3, w2, b2)`` in the order the dispatch ops take them."""
         return self.w1, self.b1, self.w3, self.b3, self.w2, self.b2
 
+    def select_experts(self, experts: list[int]) -> ExpertBank:
+        """A new bank holding copies of the given experts, in the given order."""
+        first = self.w1
+        bank = ExpertBank(
+            len(experts), self.in_features, self.expert_size, self.out_features, self.activation,
+            gated=self.gated, up_bias=self.b1 is not None, down_bias=self.b2 is not None,
+            dtype=first.dtype, device=first.device,
+        )
+        index = torch.tensor(experts, dtype=torch.long, device=first.device)
+        with torch.no_grad():
+            for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
+                source = getattr(self, name)
+                if source is not None:
+                    getattr(bank, name).copy_(source.index_select(0, index))
+        return bank
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to ``x [N, H]`` (a plain reference, used by tests and tools)."""
         act = ACTIVATIONS[self.activation]
@@ -103,31 +125,59 @@ class MoELayer(nn.Module):
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return self.router.last_aux
 
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """The router's :class:`~moefx.routers.RoutingStats` of the last forward pass (None before one)."""
+        return self.router.last_stats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])  # [T, H]
-        routing = self.router(tokens)
+        group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]  # a group is one sequence
+        routing = self.router(tokens, group_size)
+        if routing.dispatch is not None:
+            y = self._soft_forward(tokens, routing)
+        else:
+            y = self._run_experts(tokens, routing)
+        return y.reshape(*lead, y.shape[-1])
+
+    def _run_experts(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
         w1, b1, w3, b3, w2, b2 = self.experts.weights()
         activation = self.experts.activation
         if self.training and self.hidden_dropout > 0:
-            y = _moe_ffn_with_dropout(tokens, routing, self.experts, self.hidden_dropout)
-        elif routing.dropless_topk:
-            y = ops.topk_moe(
+            return _moe_ffn_with_dropout(tokens, routing, self.experts, self.hidden_dropout)
+        if routing.dropless_topk:
+            return ops.topk_moe(
                 tokens, routing.logits, w1, b1, w3, b3, w2, b2,
                 routing.expert_index.shape[-1], self.router.normalize_weights, activation,
             )
-        else:
-            y = ops.moe_ffn(
-                tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype),
-                w1, b1, w3, b3, w2, b2, activation,
-            )
-        return y.reshape(*lead, y.shape[-1])
+        return ops.moe_ffn(
+            tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype),
+            w1, b1, w3, b3, w2, b2, activation,
+        )
+
+    def _soft_forward(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Soft MoE: slots = dispatch-weighted token averages; experts on slots; combine-weighted slot averages."""
+        dispatch = routing.dispatch.to(tokens.dtype)  # [G, m, S]
+        combine = routing.combine.to(tokens.dtype)  # [G, m, S]
+        groups, m, num_slots = dispatch.shape
+        hidden = tokens.shape[-1]
+        slots = torch.einsum("gms,gmh->gsh", dispatch, tokens.reshape(groups, m, hidden))  # [G, S, H]
+        slots = slots.reshape(groups * num_slots, hidden)  # [G*S, H]
+        # Slot s of every group belongs to expert s // p; each slot goes to its expert with weight 1.
+        slot_expert = torch.arange(num_slots, device=tokens.device) // routing.slots_per_expert  # [S]
+        index = slot_expert.expand(groups, num_slots).reshape(groups * num_slots, 1)  # [G*S, 1]
+        slot_routing = Routing(routing.logits, index, slots.new_ones(groups * num_slots, 1))
+        y = self._run_experts(slots, slot_routing)  # [G*S, O]
+        out_features = y.shape[-1]
+        y = torch.einsum("gms,gso->gmo", combine, y.reshape(groups, num_slots, out_features))  # [G, m, O]
+        return y.reshape(groups * m, out_features)
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}" + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
 
 
-def _moe_ffn_with_dropout(tokens: torch.Tensor, routing, experts: ExpertBank, p: float) -> torch.Tensor:
+def _moe_ffn_with_dropout(tokens: torch.Tensor, routing: Routing, experts: ExpertBank, p: float) -> torch.Tensor:
     """Training path with dropout on the expert hidden activations (random, so not the custom op)."""
     act = ACTIVATIONS[experts.activation]
     out = tokens.new_zeros(tokens.shape[0], experts.out_features)
@@ -145,3 +195,19 @@ def _moe_ffn_with_dropout(tokens: torch.Tensor, routing, experts: ExpertBank, p:
         y = F.linear(h, experts.w2[e], None if experts.b2 is None else experts.b2[e])
         out = out.index_add(0, token, y * weight[token, slot].unsqueeze(-1))
     return out
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict]:
+    """Routing statistics of every MoE layer's last forward pass: ``{layer name: stats dict}`` in model order.
+
+    Each dict has ``router``, ``tokens``, ``load`` (per expert), ``balance`` (mean load / max load, 1.0 when
+    balanced), ``load_cv`` (coefficient of variation of the load), ``dropped_fraction``,
+    ``routing_success_rate`` (``1 - dropped_fraction``, LIMoE) and ``entropy`` (mean per-token routing
+    entropy, nats), plus ``modalities`` (the same per modality id) after a forward under
+    ``moefx.tasks.modality``. Layers that have not run since conversion are left out.
+    """
+    stats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and module.router.last_stats is not None:
+            stats[name] = module.router.last_stats.to_dict()
+    return stats

@@ -1,156 +1,652 @@
 """Routers: which experts each token goes to, with what weight, and the losses that keep routing healthy.
 
-Every router is a small ``nn.Module`` behind one interface: ``forward(x [T, H]) -> Routing``. A
-:class:`Routing` carries the router logits and either a token-choice assignment (``expert_index`` and
-``combine_weight``, ``[T, k]``, ``-1`` marking a dropped assignment) or a flag that the assignment is plain
-dropless softmax top-k, which the MoE layer runs as the fused ``moefx::topk_moe`` op. Routers register
-themselves in :data:`ROUTER_TYPES` by name; ``MoEConfig.router`` picks one.
+Every router is a small ``nn.Module`` behind one interface: ``forward(x [T, H], group_size) -> Routing``,
+where the ``T`` tokens are ``T // group_size`` groups (sequences) of ``group_size`` consecutive tokens. A
+:class:`Routing` carries the router logits and one of three plans:
 
-After a forward pass (outside tracing) each router keeps its auxiliary losses in ``last_aux`` (already
-weighted, with gradients) and detached routing statistics in ``last_stats``.
+* a token-choice assignment (``expert_index`` and ``combine_weight``, ``[T, k]``, ``-1`` marking a dropped
+  assignment), run by the ``moefx::moe_ffn`` op;
+* the same, flagged ``dropless_topk``: plain softmax top-k of ``logits`` without drops, which the MoE layer
+  runs as the fused ``moefx::topk_moe`` op (``topk`` without capacity, ``task``);
+* Soft MoE slot weights (``dispatch`` and ``combine``, ``[groups, group_size, slots]``): the experts run on
+  weighted averages of the tokens of a group (slots) and every token gets a weighted average of all slots.
+
+Routers register themselves in :data:`ROUTER_TYPES` by name; ``MoEConfig.router`` picks one.
+
+=================  ================================  ============================  =====================
+router             paper                             mixes tokens of a sequence    drops
+=================  ================================  ============================  =====================
+``topk``           Switch, GShard/GLaM, Mixtral      no                            past capacity
+``bpr``            V-MoE Batch Priority Routing      no                            lowest priority first
+``expert-choice``  Zhou et al. 2022                  yes (not causal)              tokens no expert took
+``soft``           Puigcerver et al. 2023            yes (not causal)              never
+``task``           Kudugunta et al. 2021 (Task-MoE)  no                            never
+=================  ================================  ============================  =====================
+
+After a forward pass (outside tracing and export) each router keeps its auxiliary losses in ``last_aux``
+(already weighted, with gradients) and detached routing statistics in ``last_stats``. The losses, each on
+when its weight in :class:`~moefx.config.MoEConfig` is positive:
+
+* ``load_balance``: Switch ``E * sum_e f_e * P_e`` (``f_e``: fraction of tokens whose first choice is e,
+  ``P_e``: mean router probability); token-choice routers only (Expert Choice and Soft MoE are balanced by
+  construction).
+* ``z_loss``: ST-MoE ``mean(logsumexp(logits)^2)``.
+* ``local_entropy``: LIMoE, mean per-token entropy of the routing distribution over experts (minimised).
+* ``global_entropy``: LIMoE, ``-H(mean routing distribution)``, or ``max(0, tau - H)`` with a threshold.
+
+For Soft MoE a token's routing distribution is its combine mass on each expert's slots, and the z-loss reads
+the slot logits. The LIMoE losses are computed per modality when the forward runs under ``moefx.tasks.modality(mask)``
+(one id per token) and averaged over the modalities present; the statistics are then also kept per modality.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .errors import ConfigError
 from .ops import route_topk
+from .tasks import current_modality, current_task_ids
 
-__all__ = ["ROUTER_TYPES", "Router", "Routing", "RoutingStats", "TopKRouter", "build_router"]
+__all__ = [
+    "ROUTER_TYPES",
+    "BatchPriorityRouter",
+    "ExpertChoiceRouter",
+    "Router",
+    "Routing",
+    "RoutingStats",
+    "SoftMoERouter",
+    "StaticRouter",
+    "TaskRouter",
+    "TopKRouter",
+    "build_router",
+    "check_router_causality",
+    "model_causality",
+]
 
 
 @dataclass
 class RoutingStats:
-    """Routing statistics of one forward pass (detached)."""
+    """Routing statistics of one forward pass (detached).
+
+    ``load`` counts the assignments each expert processed (for Soft MoE: the combine mass the tokens put on
+    each expert's slots). ``dropped_fraction`` is the mean over tokens of the fraction of a token's
+    assignments that were dropped (token choice), or the fraction of tokens no expert took (Expert Choice);
+    ``1 - dropped_fraction`` is LIMoE's routing success rate. ``modalities`` holds the same numbers per
+    modality id when the forward ran under ``moefx.tasks.modality``.
+    """
 
     tokens: int
-    load: torch.Tensor  # [E] assignments each expert processed
-    dropped_fraction: float  # assignments dropped by capacity / all assignments
+    load: torch.Tensor  # [E]
+    dropped_fraction: float
     entropy: float  # mean per-token routing entropy (nats)
+    router: str = ""
+    modalities: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    @property
+    def routing_success_rate(self) -> float:
+        return 1.0 - self.dropped_fraction
+
+    def to_dict(self) -> dict[str, Any]:
         return {
+            "router": self.router,
             "tokens": self.tokens,
-            "load": [int(v) for v in self.load.tolist()],
+            **_load_summary(self.load),
             "dropped_fraction": self.dropped_fraction,
+            "routing_success_rate": self.routing_success_rate,
             "entropy": self.entropy,
+            **({"modalities": {m: dict(v) for m, v in self.modalities.items()}} if self.modalities else {}),
         }
+
+
+def _load_summary(load: torch.Tensor) -> dict[str, Any]:
+    values = [int(v) if float(v).is_integer() else round(float(v), 4) for v in load.tolist()]
+    mean = float(load.float().mean()) if load.numel() else 0.0
+    peak = float(load.float().max()) if load.numel() else 0.0
+    std = float(load.float().std(unbiased=False)) if load.numel() else 0.0
+    return {
+        "load": values,
+        # vLLM's "balancedness": 1.0 when every expert has the same load.
+        "balance": mean / peak if peak > 0 else 1.0,
+        "load_cv": std / mean if mean > 0 else 0.0,  # coefficient of variation, 0 when balanced
+    }
 
 
 @dataclass
 class Routing:
-    logits: torch.Tensor  # [T, E], float32
+    logits: torch.Tensor  # [T, E] (Soft MoE: [T, slots]), float32
     expert_index: torch.Tensor | None = None  # [T, k] int64, -1 = dropped
     combine_weight: torch.Tensor | None = None  # [T, k]
-    dropless_topk: bool = False  # the assignment is softmax top-k without drops (fused op applies)
+    dropless_topk: bool = False  # the assignment is softmax top-k of logits without drops (fused op applies)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class Router(nn.Module):
-    """Base class: subclasses set ``name`` and implement ``forward``."""
-
-    name: str = ""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_aux: dict[str, torch.Tensor] = {}
-        self.last_stats: RoutingStats | None = None
-
-    def _record(self, logits: torch.Tensor, index: torch.Tensor, aux: dict[str, torch.Tensor]) -> None:
-        if _tracing():
-            return
-        num_experts = logits.shape[-1]
-        kept = index[index >= 0]
-        load = torch.bincount(kept, minlength=num_experts).detach().cpu()
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
-        self.last_stats = RoutingStats(
-            tokens=int(logits.shape[0]),
-            load=load,
-            dropped_fraction=float((index < 0).sum()) / max(index.numel(), 1),
-            entropy=float(entropy),
-        )
-        self.last_aux = aux
+    dispatch: torch.Tensor | None = None  # Soft MoE [groups, group_size, slots], softmax over group_size
+    combine: torch.Tensor | None = None  # Soft MoE [groups, group_size, slots], softmax over slots
+    slots_per_expert: int = 0  # Soft MoE: slot s belongs to expert s // slots_per_expert
 
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+class Router(nn.Module):
+    """Base class: subclasses set ``name`` and implement ``forward(x [T, H], group_size) -> Routing``.
+
+    ``mixes_tokens`` is True for routers whose output for one token depends on the other tokens of its
+    group (Soft MoE, Expert Choice): they are not causal.
+    """
+
+    name: str = ""
+    mixes_tokens: bool = False
+
+    def __init__(self, config: MoEConfig | None = None) -> None:
+        super().__init__()
+        config = config or MoEConfig()
+        self.num_experts = config.num_experts
+        self.load_balance_weight = config.load_balance_weight
+        self.z_loss_weight = config.z_loss_weight
+        self.local_entropy_weight = config.local_entropy_weight
+        self.global_entropy_weight = config.global_entropy_weight
+        self.global_entropy_threshold = config.global_entropy_threshold
+        self.last_aux: dict[str, torch.Tensor] = {}
+        self.last_stats: RoutingStats | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last forward's losses are part of its autograd graph: copies and pickles start without them
+        # (copy.deepcopy refuses non-leaf tensors).
+        state = self.__dict__.copy()
+        state["last_aux"] = {}
+        return state
+
+    # -- shared bookkeeping ------------------------------------------------------------------------------
+    def _finish(
+        self,
+        logits: torch.Tensor,
+        log_probs: torch.Tensor,
+        token_load: torch.Tensor,
+        token_dropped: torch.Tensor,
+        first_choice: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Aux losses (returned and kept in ``last_aux``) and statistics (``last_stats``) of one forward.
+
+        Args:
+            logits: the router logits ``[T, *]`` (z-loss).
+            log_probs: log of each token's routing distribution over experts ``[T, E]`` (entropy losses).
+            token_load: what each token gave each expert ``[T, E]`` (load statistics).
+            token_dropped: fraction of each token's routing that was dropped ``[T]``.
+            first_choice: each token's first-choice expert ``[T]``, before any capacity limit, for the
+                Switch loss; None for routers that are balanced by construction.
+        """
+        if _tracing():
+            return {}
+        modality = _modality_ids(logits.shape[0], logits.device)
+        aux = self._aux_losses(logits, log_probs, first_choice, modality)
+        self._record(log_probs, token_load, token_dropped, modality, aux)
+        return aux
+
+    def _aux_losses(
+        self,
+        logits: torch.Tensor,
+        log_probs: torch.Tensor,
+        first_choice: torch.Tensor | None,
+        modality: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        aux: dict[str, torch.Tensor] = {}
+        probs = log_probs.exp()  # [T, E]
+        if self.load_balance_weight > 0 and first_choice is not None:
+            fraction = torch.bincount(first_choice, minlength=self.num_experts).float() / max(len(first_choice), 1)
+            aux["load_balance"] = self.load_balance_weight * self.num_experts * (fraction * probs.mean(0)).sum()
+        if self.z_loss_weight > 0:
+            aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
+        if self.local_entropy_weight > 0 or self.global_entropy_weight > 0:
+            # LIMoE: each modality's losses on its own tokens, averaged over the modalities present.
+            masks = [None] if modality is None else [modality == m for m in torch.unique(modality)]
+            local, glob = [], []
+            for mask in masks:
+                p, lp = (probs, log_probs) if mask is None else (probs[mask], log_probs[mask])
+                local.append(-(p * lp).sum(-1).mean())  # mean per-token entropy
+                mean = p.mean(0)  # [E] the modality's mean routing distribution
+                entropy = -(mean * torch.log(mean.clamp_min(1e-20))).sum()
+                tau = self.global_entropy_threshold
+                glob.append(-entropy if tau is None else torch.clamp(tau - entropy, min=0.0))
+            if self.local_entropy_weight > 0:
+                aux["local_entropy"] = self.local_entropy_weight * torch.stack(local).mean()
+            if self.global_entropy_weight > 0:
+                aux["global_entropy"] = self.global_entropy_weight * torch.stack(glob).mean()
+        return aux
+
+    def _record(
+        self,
+        log_probs: torch.Tensor,
+        token_load: torch.Tensor,
+        token_dropped: torch.Tensor,
+        modality: torch.Tensor | None,
+        aux: dict[str, torch.Tensor],
+    ) -> None:
+        log_probs = log_probs.detach().float()
+        token_entropy = -(log_probs.exp() * log_probs).sum(-1)  # [T]
+        token_load = token_load.detach().float()
+        token_dropped = token_dropped.detach().float()
+        per_modality: dict[int, dict[str, Any]] = {}
+        if modality is not None:
+            for m in torch.unique(modality).tolist():
+                sel = modality == m
+                dropped = float(token_dropped[sel].mean())
+                per_modality[int(m)] = {
+                    "tokens": int(sel.sum()),
+                    **_load_summary(token_load[sel].sum(0).cpu()),
+                    "dropped_fraction": dropped,
+                    "routing_success_rate": 1.0 - dropped,
+                    "entropy": float(token_entropy[sel].mean()),
+                }
+        self.last_stats = RoutingStats(
+            tokens=int(log_probs.shape[0]),
+            load=token_load.sum(0).cpu(),
+            dropped_fraction=float(token_dropped.mean()) if token_dropped.numel() else 0.0,
+            entropy=float(token_entropy.mean()) if token_entropy.numel() else 0.0,
+            router=self.name,
+            modalities=per_modality,
+        )
+        self.last_aux = aux
+
+
+def _modality_ids(num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    mask = current_modality()
+    if mask is None:
+        return None
+    if mask.numel() != num_tokens:
+        raise ConfigError(
+            f"the modality mask has {mask.numel()} entries but an MoE layer saw {num_tokens} tokens; pass one "
+            "modality id per token, shaped like the model's token ids ([batch, seq])"
+        )
+    return mask.reshape(-1).to(device=device, dtype=torch.long)
+
+
+def _groups(num_tokens: int, group_size: int | None) -> tuple[int, int]:
+    """``(groups, group_size)`` for ``num_tokens`` tokens in groups of ``group_size`` (None: one group)."""
+    m = num_tokens if group_size is None else group_size
+    if m == 0:
+        return 0, 0
+    return num_tokens // m, m
+
+
+def _assignment_load(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, E]``: how many of each token's assignments ``index [T, k]`` went to each expert (drops excluded)."""
+    valid = index >= 0
+    one_hot = F.one_hot(index.clamp_min(0), num_experts) * valid.unsqueeze(-1)  # [T, k, E]
+    return one_hot.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token choice: top-k and Batch Priority Routing
+# ---------------------------------------------------------------------------------------------------------
+
+
 class TopKRouter(Router):
     """Token-choice top-k routing (Switch k=1; GShard/GLaM k=2; Mixtral-style renormalised top-k).
 
     ``gates = softmax(W x)``; each token picks its k largest gates. With a capacity factor, each expert takes
-    at most ``C = ceil(T * cf / E)`` assignments, filled in priority order "every token's first choice before
-    any token's second choice" (GShard); assignments past capacity are dropped and contribute zero, so the
-    token passes through the residual connection.
+    at most ``C = ceil(T * cf / E)`` assignments (``T``: all tokens of the call), filled in priority order
+    "every token's first choice before any token's second choice" (GShard); assignments past capacity are
+    dropped and contribute zero, so the token passes through the residual connection.
     """
 
     name = "topk"
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
-        super().__init__()
-        self.num_experts = config.num_experts
+        super().__init__(config)
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
         self.normalize_weights = config.normalize_weights
-        self.load_balance_weight = config.load_balance_weight
-        self.z_loss_weight = config.z_loss_weight
         self.gate = nn.Linear(hidden_size, config.num_experts, bias=False)
 
     def capacity(self, num_tokens: int) -> int:
-        assert self.capacity_factor is not None
+        if self.capacity_factor is None:
+            raise ConfigError(f"router {self.name!r} is dropless: it has no capacity (capacity_factor=None)")
         return math.ceil(num_tokens * self.capacity_factor / self.num_experts)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
         logits = self.gate(x).float()  # [T, E]
         index, weight = route_topk(logits, self.top_k, self.normalize_weights)  # [T, k]
+        first_choice = index[:, 0]  # before capacity: the Switch loss counts what tokens asked for
         dropless = self.capacity_factor is None
         if not dropless:
-            index, weight = self._apply_capacity(index, weight, self.capacity(x.shape[0]))
-        aux = self._aux_losses(logits, index)
-        self._record(logits, index, aux)
+            index, weight = self._apply_capacity(
+                index, weight, self.capacity(x.shape[0]), priority=self._priority(logits, weight)
+            )
+        aux = self._finish(
+            logits,
+            torch.log_softmax(logits, dim=-1),
+            _assignment_load(index, self.num_experts),
+            (index < 0).float().mean(-1),
+            first_choice,
+        )
         return Routing(logits, index, weight, dropless_topk=dropless, aux=aux)
 
+    def _priority(self, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """Per-token priority for filling capacity (higher first); None keeps the token order."""
+        return None
+
     def _apply_capacity(
-        self, index: torch.Tensor, weight: torch.Tensor, capacity: int
+        self,
+        index: torch.Tensor,
+        weight: torch.Tensor,
+        capacity: int,
+        priority: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, k = index.shape
+        order = None
+        if priority is not None:
+            # Batch Priority Routing: fill the buffers in order of decreasing priority, then unpermute.
+            order = torch.argsort(priority, descending=True, stable=True)  # [T]
+            index_in_order = index.index_select(0, order)
+        else:
+            index_in_order = index
         # Priority order: choice 0 of every token, then choice 1 of every token, ... -> [k*T, E]
-        one_hot = F.one_hot(index.t().reshape(-1), self.num_experts)
+        one_hot = F.one_hot(index_in_order.t().reshape(-1), self.num_experts)
         position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1)  # 1-based slot in the expert's buffer
-        keep = (position <= capacity).reshape(k, num_tokens).t()  # [T, k]
+        keep = (position <= capacity).reshape(k, num_tokens).t()  # [T, k] (in priority order)
+        if order is not None:
+            keep = torch.empty_like(keep).index_copy(0, order, keep)
         index = torch.where(keep, index, torch.full_like(index, -1))
         weight = torch.where(keep, weight, torch.zeros_like(weight))
         return index, weight
-
-    def _aux_losses(self, logits: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        aux: dict[str, torch.Tensor] = {}
-        if _tracing():
-            return aux
-        if self.load_balance_weight > 0:
-            probs = torch.softmax(logits, dim=-1)
-            top1 = index[:, 0]
-            fraction = torch.bincount(top1[top1 >= 0], minlength=self.num_experts).float() / max(len(top1), 1)
-            aux["load_balance"] = self.load_balance_weight * self.num_experts * (fraction * probs.mean(0)).sum()
-        if self.z_loss_weight > 0:
-            aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
-        return aux
 
     def extra_repr(self) -> str:
         cf = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
         return f"experts={self.num_experts}, top_k={self.top_k}, {cf}, normalize={self.normalize_weights}"
 
 
+class BatchPriorityRouter(TopKRouter):
+    """Token-choice top-k with Batch Priority Routing (Riquelme et al. 2021, V-MoE; used by LIMoE).
+
+    Before the capacity buffers are filled, the tokens are sorted by their largest gate value (descending):
+    under a tight capacity the tokens the router is least confident about are dropped, not the ones that
+    happen to come last. GShard's order across choices is kept: every token's first choice (in priority
+    order) before any token's second choice.
+    """
+
+    name = "bpr"
+
+    def _priority(self, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1).amax(dim=-1)  # [T] top-1 gate value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert Choice
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ExpertChoiceRouter(Router):
+    """Expert Choice routing (Zhou et al. 2022): experts pick tokens instead of tokens picking experts.
+
+    ``S = softmax(W x)`` over experts ``[m, E]`` for the ``m`` tokens of a group (sequence); each expert takes
+    the ``C = ceil(m * cf / E)`` tokens with the largest scores in its column of ``S`` and weights its output
+    for token t by ``S[t, e]``. Every expert processes exactly ``C`` tokens per group (perfect balance); a
+    token may be taken by 0 to ``E`` experts (0: its FFN output is zero, it passes through the residual).
+
+    Not causal: whether an expert takes token t depends on the scores of every other token of the group,
+    later ones included, so it cannot be used in an autoregressive decoder (see
+    :func:`check_router_causality`).
+    """
+
+    name = "expert-choice"
+    mixes_tokens = True
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.capacity_factor = float(config.capacity_factor if config.capacity_factor is not None else config.top_k)
+        self.gate = nn.Linear(hidden_size, config.num_experts, bias=False)
+
+    def capacity(self, group_size: int) -> int:
+        """Tokens each expert takes from a group of ``group_size`` tokens."""
+        c = math.ceil(group_size * self.capacity_factor / self.num_experts)
+        return torch.sym_min(torch.sym_max(c, 1), group_size)
+
+    def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
+        num_tokens = x.shape[0]
+        groups, m = _groups(num_tokens, group_size)
+        num_experts = self.num_experts
+        logits = self.gate(x).float()  # [T, E]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        probs = log_probs.exp()
+        scores = probs.reshape(groups, m, num_experts).transpose(1, 2)  # [G, E, m]
+        _, chosen = torch.topk(scores, self.capacity(m), dim=-1)  # [G, E, C]
+        taken = torch.zeros_like(scores).scatter(-1, chosen, 1.0).transpose(1, 2)  # [G, m, E]
+        taken = taken.reshape(num_tokens, num_experts) > 0  # [T, E]
+        experts = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
+        index = torch.where(taken, experts, torch.full_like(experts, -1))  # [T, E]
+        weight = torch.where(taken, probs, torch.zeros_like(probs))  # [T, E]
+        aux = self._finish(logits, log_probs, taken.float(), (~taken.any(-1)).float(), None)
+        return Routing(logits, index, weight, aux=aux)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, capacity_factor={self.capacity_factor} (per sequence)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Soft MoE
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SoftMoERouter(Router):
+    """Soft MoE (Puigcerver et al. 2023): experts process slots, each a convex combination of the tokens.
+
+    For the ``m`` tokens ``X [m, d]`` of a group (sequence) and slot parameters ``Phi [d, n, p]`` (``n``
+    experts, ``p`` slots each), both L2-normalised over ``d`` and the slots multiplied by a learned scalar
+    scale: logits ``L = X Phi [m, n*p]``; dispatch ``D = softmax(L)`` over the tokens (each slot input is
+    ``D^T X``); combine ``C = softmax(L)`` over all ``n*p`` slots (each token's output is ``C Y`` for slot
+    outputs ``Y``). Fully differentiable, nothing dropped, permutation-equivariant over the tokens of a group,
+    and one sequence never sees another. Not causal: every slot mixes all tokens of the sequence.
+
+    ``p`` is ``slots_per_expert`` when the config fixes it; otherwise ``ceil(m * cf / n)`` (``cf`` the
+    capacity factor, default 1, so about one slot per token) taken from a bank of ``max_slots_per_expert``
+    learned slots per expert. The scale is stored as its logarithm, so the conversion's ``N(0, std)`` router
+    initialisation leaves it at about 1, as in the paper.
+    """
+
+    name = "soft"
+    mixes_tokens = True
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.fixed_slots = config.slots_per_expert
+        self.capacity_factor = float(config.capacity_factor if config.capacity_factor is not None else 1.0)
+        bank = config.slots_per_expert or config.max_slots_per_expert
+        self.slots = nn.Parameter(torch.randn(hidden_size, config.num_experts, bank) * config.router_init_std)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def slots_per_expert(self, group_size: int) -> int:
+        """Slots per expert ``p`` for a group of ``group_size`` tokens."""
+        if self.fixed_slots is not None:
+            return self.fixed_slots
+        p = math.ceil(group_size * self.capacity_factor / self.num_experts)
+        return torch.sym_min(torch.sym_max(p, 1), self.slots.shape[-1])
+
+    def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
+        num_tokens, hidden = x.shape
+        groups, m = _groups(num_tokens, group_size)
+        n = self.num_experts
+        p = self.slots_per_expert(m)
+        tokens = F.normalize(x.float(), dim=-1).reshape(groups, m, hidden)  # [G, m, d]
+        phi = F.normalize(self.slots[:, :, :p].float(), dim=0).reshape(hidden, n * p)  # [d, n*p]
+        logits = torch.einsum("gmd,ds->gms", tokens, phi * self.log_scale.float().exp())  # [G, m, n*p]
+        dispatch = torch.softmax(logits, dim=1)  # over the tokens of the group
+        combine = torch.softmax(logits, dim=2)  # over all slots
+        flat = logits.reshape(num_tokens, n * p)  # [T, n*p]
+        # Each token's routing distribution over experts: its combine mass on each expert's slots.
+        log_probs = torch.logsumexp(flat.reshape(num_tokens, n, p), dim=-1) - torch.logsumexp(flat, -1, keepdim=True)
+        aux = self._finish(flat, log_probs, log_probs.exp(), flat.new_zeros(num_tokens), None)
+        return Routing(flat, aux=aux, dispatch=dispatch, combine=combine, slots_per_expert=p)
+
+    def extra_repr(self) -> str:
+        slots = self.fixed_slots or f"ceil(tokens*{self.capacity_factor}/{self.num_experts}) <= {self.slots.shape[-1]}"
+        return f"experts={self.num_experts}, slots_per_expert={slots}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task-MoE
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TaskRouter(Router):
+    """Task-level routing (Kudugunta et al. 2021, Task-MoE): the route depends on the task, not the token.
+
+    A learned table of logits ``[num_tasks, E]`` (a linear router on one-hot task embeddings); every token of
+    an example with task ``t`` goes to the top-k experts of ``softmax(table[t])`` (renormalised when
+    ``normalize_weights``), dropless. The task ids come from ``with moefx.tasks.task_ids(ids):`` (one int for
+    the whole batch, or one per example). Since a task always uses the same k experts,
+    :func:`moefx.tasks.extract_task` can cut a model down to one task's experts.
+    """
+
+    name = "task"
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__(config)
+        if config.num_tasks is None:
+            raise ConfigError("router='task' needs num_tasks, e.g. MoEConfig(router='task', num_tasks=4)")
+        self.num_tasks = config.num_tasks
+        self.top_k = config.top_k
+        self.normalize_weights = config.normalize_weights
+        self.task_logits = nn.Parameter(torch.randn(config.num_tasks, config.num_experts) * config.router_init_std)
+
+    def task_route(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(experts [k], weights [k])`` task ``task`` uses, in the order of the top-k."""
+        self._check_task(task)
+        index, weight = route_topk(self.task_logits[task : task + 1].float(), self.top_k, self.normalize_weights)
+        return index[0], weight[0]
+
+    def _check_task(self, task: int) -> None:
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise ConfigError(f"task id {task!r} is out of range: this router has num_tasks={self.num_tasks}")
+
+    def _token_tasks(self, num_tokens: int, group_size: int | None, device: torch.device) -> torch.Tensor:
+        ids = current_task_ids()
+        if ids is None:
+            raise ConfigError(
+                "router='task' needs task ids: run the model inside `with moefx.tasks.task_ids(ids):` with one "
+                "int for the whole batch or one int per example"
+            )
+        if isinstance(ids, int):
+            self._check_task(ids)
+            return torch.full((num_tokens,), ids, dtype=torch.long, device=device)
+        groups, m = _groups(num_tokens, group_size)
+        if ids.numel() != groups:
+            raise ConfigError(
+                f"got {ids.numel()} task ids but the MoE layer saw {groups} example(s) of {m} tokens; pass one int "
+                "for the whole batch or one task id per example"
+            )
+        if not _tracing():
+            bad = ids[(ids < 0) | (ids >= self.num_tasks)]
+            if bad.numel():
+                self._check_task(int(bad[0]))
+        return ids.to(device).repeat_interleave(m)
+
+    def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
+        tasks = self._token_tasks(x.shape[0], group_size, x.device)  # [T]
+        logits = self.task_logits.float().index_select(0, tasks)  # [T, E]
+        index, weight = route_topk(logits, self.top_k, self.normalize_weights)  # [T, k]
+        aux = self._finish(
+            logits,
+            torch.log_softmax(logits, dim=-1),
+            _assignment_load(index, self.num_experts),
+            logits.new_zeros(x.shape[0]),
+            index[:, 0],
+        )
+        return Routing(logits, index, weight, dropless_topk=True, aux=aux)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, tasks={self.num_tasks}, top_k={self.top_k}, normalize={self.normalize_weights}"
+
+
+class StaticRouter(Router):
+    """Every token to all experts of the (cut-down) bank with fixed weights: a task's route, extracted.
+
+    Built by :func:`moefx.tasks.extract_task`, not from a config; it has no parameters and no aux losses.
+    """
+
+    name = "static"
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__(MoEConfig(num_experts=max(int(weights.numel()), 1), top_k=1))
+        self.register_buffer("expert_weight", weights.detach().float().clone())  # [k]
+        self.load_balance_weight = self.z_loss_weight = 0.0
+        self.local_entropy_weight = self.global_entropy_weight = 0.0
+
+    def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
+        num_tokens, k = x.shape[0], self.expert_weight.shape[0]
+        index = torch.arange(k, device=x.device).expand(num_tokens, k)  # [T, k]
+        weight = self.expert_weight.expand(num_tokens, k)
+        logits = torch.log(weight.clamp_min(1e-20))
+        aux = self._finish(
+            logits, torch.log_softmax(logits, dim=-1), _assignment_load(index, k), logits.new_zeros(num_tokens), None
+        )
+        return Routing(logits, index, weight, aux=aux)
+
+    def extra_repr(self) -> str:
+        return f"weights={[round(float(w), 4) for w in self.expert_weight]}"
+
+
 #: Router classes by ``MoEConfig.router`` name.
-ROUTER_TYPES: dict[str, type[Router]] = {"topk": TopKRouter}
+ROUTER_TYPES: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "bpr": BatchPriorityRouter,
+    "expert-choice": ExpertChoiceRouter,
+    "soft": SoftMoERouter,
+    "task": TaskRouter,
+}
 
 
 def build_router(hidden_size: int, config: MoEConfig) -> Router:
     return ROUTER_TYPES[config.router](hidden_size, config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Causality
+# ---------------------------------------------------------------------------------------------------------
+
+_CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def model_causality(model: nn.Module) -> str | None:
+    """Why ``model`` is a causal (autoregressive) model, or None if nothing says it is.
+
+    Looks at the Hugging Face config (``is_decoder``), the class name (``...ForCausalLM``, ``...LMHeadModel``)
+    and any submodule with ``is_causal = True`` (causal self-attention in transformers' attention modules).
+    """
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_decoder", False) is True:
+        return f"{type(model).__name__} has config.is_decoder=True"
+    for cls in type(model).__mro__:
+        if cls.__name__.endswith(_CAUSAL_CLASS_SUFFIXES):
+            return f"{type(model).__name__} is a causal language model class"
+    for name, module in model.named_modules():
+        if getattr(module, "is_causal", None) is True:
+            return f"{name or '(root)'} ({type(module).__name__}) has is_causal=True"
+    return None
+
+
+def check_router_causality(model: nn.Module, config: MoEConfig) -> None:
+    """Refuse a token-mixing router (Soft MoE, Expert Choice) on a causal model.
+
+    Such routers let every position of a sequence depend on later positions, which silently breaks
+    autoregressive training and generation. ``MoEConfig(allow_noncausal=True)`` forces the conversion.
+
+    Raises:
+        ConfigError: ``config.router`` mixes tokens, the model is causal and ``allow_noncausal`` is False.
+    """
+    router_type = ROUTER_TYPES.get(config.router)
+    if router_type is None or not router_type.mixes_tokens or config.allow_noncausal:
+        return
+    reason = model_causality(model)
+    if reason is not None:
+        raise ConfigError(
+            f"router={config.router!r} mixes the tokens of a sequence, so in a causal model ({reason}) earlier "
+            "positions would see later ones; use router='topk', 'bpr' or 'task', or pass "
+            "allow_noncausal=True to convert anyway"
+        )

@@ -18,6 +18,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS = {
     "convert": ".convert",
     "inspect": ".inspect",
+    "export": ".export",
 }
 
 _EPILOG = """examples:

@@ -1,0 +1,89 @@
+"""``moefx export OUT -o model.onnx``: a converted model to ONNX, each MoE layer one fused node where it can be."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moefx.errors import ConfigError, MoefxError
+
+from . import add_common_flags
+
+__all__ = ["add_parser", "load_converted", "run"]
+
+_EXAMPLES = """examples:
+  moefx export out/ -o model.onnx                    fused: one com.microsoft.MoE node per MoE layer
+  moefx export out/ -o model.onnx --unfused          standard ONNX ops only (any ONNX runtime)
+  moefx export out/ -o model.onnx --exact --force    keep exact-GELU layers unfused (no tanh approximation)
+  moefx export out/ -o model.onnx --json report.json
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export", help="export a converted model to ONNX (fused MoE nodes for ONNX Runtime)",
+        description="Export a converted model to ONNX with dynamic batch and sequence axes. Each MoE layer becomes "
+                    "one com.microsoft.MoE node where ONNX Runtime's kernel computes it, else standard ONNX ops; "
+                    "the report says which and why.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL",
+                        help="a moefx output directory (moefx convert -o / moefx.save), or a converted model as "
+                             "a .pt2 program, a .pt module or package.module:factory")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument("--force", action="store_true", help="replace FILE.onnx if it exists")
+    parser.add_argument("--unfused", action="store_true",
+                        help="standard ONNX ops only (no com.microsoft domain): every expert runs on every token")
+    parser.add_argument("--exact", action="store_true",
+                        help="keep layers unfused where the fused kernel approximates them (exact GELU)")
+    parser.add_argument("--fuse-assigned", action="store_true",
+                        help="also fuse layers whose router assigns experts itself (capacity limits), via log-weights")
+    parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's, >= 18)")
+    parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                        help="weights in FILE.onnx.data: auto (above 1.5 GiB), always or never")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not run the written model with ONNX Runtime on the example inputs")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="REPORT.json",
+                        help="write the export report as JSON to REPORT.json (to stdout without a path)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow loading a pickled .pt model (this runs code from the file)")
+    add_common_flags(parser)
+    return parser
+
+
+def load_converted(spec: str, *, trust_remote_code: bool = False):
+    """The converted model named by ``spec`` and its example inputs ``(args, kwargs)`` or None."""
+    import moefx
+    from moefx.io import load_source
+
+    path = Path(spec)
+    if path.is_dir() and (path / "recipe.json").exists():
+        return moefx.load(path, trust_remote_code=trust_remote_code), None
+    source = load_source(spec, trust_remote_code=trust_remote_code)
+    if not moefx.moe_layers(source.model):
+        raise MoefxError(
+            f"{spec}: has no MoE layers; convert it first (moefx convert {spec} -o out/), then export out/"
+        )
+    return source.model, source.example_inputs
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.unfused and (args.exact or args.fuse_assigned):
+        flag = "--exact" if args.exact else "--fuse-assigned"
+        raise ConfigError(f"{flag} only changes fused export; drop it or drop --unfused")
+    model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
+    from moefx.onnx import export_onnx
+
+    args_, kwargs = inputs if inputs is not None else (None, None)
+    report = export_onnx(
+        model, args_, args.output, example_kwargs=kwargs, fused=not args.unfused, exact=args.exact,
+        fuse_assigned=args.fuse_assigned, force=args.force, opset=args.opset,
+        external_data={"auto": None, "always": True, "never": False}[args.external_data],
+        verify=not args.no_verify, report_path=args.json if args.json not in (None, "-") else None,
+    )
+    if args.json == "-":
+        sys.stdout.write(report.to_json())
+    else:
+        print(report.render())
+    return 0

@@ -1,0 +1,582 @@
+"""``export_onnx``: a converted model to one ONNX file, each MoE layer a single fused node where it can be.
+
+The route is ``torch.onnx.export(dynamo=True)``: torch.export keeps every MoE layer's dispatch as one
+``moefx::`` custom-op node, and :data:`moefx.onnx.translations.TRANSLATIONS` turns each into ONNX, fused
+(``com.microsoft.MoE``) or in standard ops. Each translation stamps the nodes it emits with how and why it
+lowered the call; after export those stamps, together with the exporter's record of the module each node came
+from, give the per-layer report, and the weight-only subgraphs the translations built (interleaved gate/up
+rows, transposes) are folded into initializers.
+
+The file is written to a temporary directory beside the output, checked with ``onnx.checker`` (full check,
+the ``com.microsoft.MoE`` schema registered), run once with ONNX Runtime on the example inputs, and only then
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..capture import _FlatCall
+from ..convert import _normalize_inputs, moe_layers
+from ..errors import MoefxError, OutputExistsError
+from ..io import _first_line
+from .report import ExportReport, LayerExport
+from .schemas import MS_DOMAIN, ORT_MOE_INPUTS
+from .translations import ATEN_TRANSLATIONS, TRANSLATIONS, ExportOptions, Lowering
+
+__all__ = ["OnnxExportError", "export_onnx"]
+
+#: Initializer bytes above which the weights go to an external data file (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+_DISPATCH_KEY = "moefx.dispatch"
+_MOE_LAYER_CLASS = "moefx.layers.MoELayer"
+_SHIM_PREFIX = "mod."  # _FlatCall holds the model as .mod
+
+
+class OnnxExportError(MoefxError):
+    """torch.onnx could not export the model, or the file it produced failed a check (a moefx bug)."""
+
+    exit_code = 1
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any = None,
+    path: str | os.PathLike = "model.onnx",
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    fused: bool = True,
+    exact: bool = False,
+    fuse_assigned: bool = False,
+    force: bool = False,
+    opset: int | None = None,
+    external_data: bool | None = None,
+    verify: bool = True,
+    report_path: str | os.PathLike | None = None,
+) -> ExportReport:
+    """Export a converted model to ONNX; each MoE layer becomes one ``com.microsoft.MoE`` node where it can.
+
+    Args:
+        model: a model converted by :func:`moefx.convert` (or loaded with :func:`moefx.load`).
+        example_inputs: positional inputs (a tensor or a tuple), or a dict of keyword inputs. ``None`` uses the
+            inputs recorded at conversion (``model.moefx_info.inputs``). Batch and sequence sizes of 2 or more
+            keep those axes dynamic.
+        path: the ``.onnx`` file to write.
+        example_kwargs: keyword inputs, besides positional ``example_inputs``.
+        fused: translate each MoE layer to one fused node where ONNX Runtime's MoE kernel computes it; layers
+            it cannot (an activation it lacks, GeGLU, capacity-limited routing) fall back to standard ops and
+            the report says why. ``False``: standard ONNX ops only.
+        exact: keep layers unfused where the fused kernel would approximate them (exact GELU).
+        fuse_assigned: also fuse layers whose router assigns experts itself (capacity limits), feeding the
+            assignment to the fused node as log-weights.
+        force: replace an existing file.
+        opset: ONNX opset of the standard-op domain (default: torch's default, at least 18).
+        external_data: write the weights to ``<path>.data``; ``None`` does so above 1.5 GiB of weights.
+        verify: run the written model once with ONNX Runtime and compare it with torch (in the report).
+        report_path: also write the report as JSON there.
+
+    Raises:
+        MoefxError: the model has no MoE layers, or the output path exists (without ``force``) or cannot be
+            written.
+        OnnxExportError: torch.onnx failed on the model, or the written file failed a check.
+    """
+    start = time.perf_counter()
+    layers = moe_layers(model)
+    if not layers:
+        raise MoefxError(
+            f"{type(model).__name__} has no MoE layers: convert it first with moefx.convert (or `moefx convert`), "
+            "then export the converted model"
+        )
+    if opset is not None and opset < 18:
+        raise MoefxError(f"opset {opset} is too old: torch.onnx exports opset 18 or newer; pass --opset 18 or above")
+    options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned)
+    path = Path(path)
+    if report_path is not None and not Path(report_path).parent.is_dir():
+        raise MoefxError(f"{report_path}: the directory for the JSON report does not exist; create it first")
+    args, kwargs = _resolve_inputs(model, example_inputs, example_kwargs)
+    notes: list[str] = []
+    if _wants_no_cache(model, kwargs):
+        kwargs["use_cache"] = False
+        notes.append("exported with use_cache=False (no key/value cache inputs or outputs)")
+
+    with _output_staging(path, force) as staging:
+        with _eval_mode(model), torch.no_grad():
+            _prime_captured_containers(model, args, kwargs)
+            reference = model(*args, **kwargs)
+            onnx_model, input_names, dispatches = _torch_onnx_export(model, args, kwargs, reference, options, opset)
+        _fold_weight_preparation(onnx_model)
+        _strip_shim_prefix(onnx_model)
+        layer_reports = _layer_reports(onnx_model, layers, dispatches)
+        external = external_data if external_data is not None else (
+            _initializer_bytes(onnx_model) > EXTERNAL_DATA_THRESHOLD)
+        data_name = f"{path.name}.data" if external else None
+        staged = staging / path.name
+        ir.save(onnx_model, staged, external_data=data_name)
+        _check(staged)
+        verification = _verify(staged, args, kwargs, reference, input_names) if verify else None
+        file_bytes = staged.stat().st_size + ((staging / data_name).stat().st_size if data_name else 0)
+        _publish(staging, path, data_name)
+
+    notes += _static_input_notes(onnx_model)
+    report = ExportReport(
+        path=str(path),
+        data_path=str(path.with_name(data_name)) if data_name else None,
+        file_bytes=file_bytes,
+        opset=onnx_model.opset_imports.get("", 0),
+        options={"fused": fused, "exact": exact, "fuse_assigned": fuse_assigned},
+        layers=layer_reports,
+        op_counts=_op_counts(onnx_model),
+        inputs=[_describe_value(v) for v in onnx_model.graph.inputs],
+        outputs=[_describe_value(v) for v in onnx_model.graph.outputs],
+        verification=verification,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+    )
+    if report_path is not None:
+        try:
+            Path(report_path).write_text(report.to_json())
+        except OSError as exc:
+            raise MoefxError(f"{report_path}: cannot write the JSON report ({exc.strerror}); {path} was written") from None
+    return report
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+
+
+def _resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        example_inputs, example_kwargs = None, {**example_inputs, **(example_kwargs or {})}
+    inputs = _normalize_inputs(example_inputs, example_kwargs)
+    if inputs is None:
+        inputs = getattr(getattr(model, "moefx_info", None), "inputs", None)
+        if inputs is None:
+            raise MoefxError(
+                f"no example inputs for {type(model).__name__}: pass example_inputs (the model was converted "
+                "without any, so none were recorded)"
+            )
+    args, kwargs = inputs
+    return tuple(args), dict(kwargs)
+
+
+def _wants_no_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Hugging Face models return a cache object by default, which is not a tensor output."""
+    from ..hf import is_hf_model
+
+    if "use_cache" in kwargs or not is_hf_model(model):
+        return False
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _prime_captured_containers(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Let captured containers see, eagerly, the attention mask that torch.export will show them.
+
+    Hugging Face models skip the attention mask in eager mode when nothing is padded but always build it under
+    torch.export. A container captured at conversion (a ``CapturedModule``, e.g. ``BertLayer``) would meet
+    that mask for the first time inside the export, where it cannot capture again. One eager pass with a
+    padded position makes it capture that input structure now. (A workaround: remove it once
+    ``CapturedModule`` can capture a new input structure while being exported.)
+    """
+    from ..capture import CapturedModule
+    from ..hf import is_hf_model
+
+    if not is_hf_model(model) or not any(isinstance(m, CapturedModule) for m in model.modules()):
+        return
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    padded = {}
+    for ids_name, mask_name in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
+        ids, mask = kwargs.get(ids_name), kwargs.get(mask_name)
+        if mask_name not in params or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+            continue
+        mask = torch.ones_like(ids) if mask is None else mask.clone()
+        mask[0, -1] = 0
+        padded[mask_name] = mask
+    if padded:
+        try:
+            model(*args, **{**kwargs, **padded})
+        except Exception as exc:  # only a warm-up: the export reports what goes wrong
+            logging.getLogger("moefx").debug("priming captured containers failed: %s", exc)
+
+
+def _named_leaves(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec, list[str]]:
+    """Flatten ``(args, kwargs)``; name each leaf after the forward parameter it is (or sits in)."""
+    leaves_with_path, spec = pytree.tree_flatten_with_path((args, kwargs))
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for key_path, _ in leaves_with_path:
+        parts = [_key_text(k) for k in key_path[1:]]
+        if key_path[0].idx == 0 and parts and parts[0].isdigit() and int(parts[0]) < len(params):
+            parts[0] = params[int(parts[0])]
+        names.append("_".join(parts) or "input")
+    return [leaf for _, leaf in leaves_with_path], spec, _unique(names)
+
+
+def _key_text(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _unique(names: list[str]) -> list[str]:
+    counts = Counter(names)
+    seen: Counter = Counter()
+    out = []
+    for name in names:
+        if counts[name] > 1:
+            out.append(f"{name}_{seen[name]}")
+            seen[name] += 1
+        else:
+            out.append(name)
+    return out
+
+
+def _output_names(reference: Any) -> list[str] | None:
+    leaves_with_path, _ = pytree.tree_flatten_with_path(reference)
+    if not leaves_with_path or not all(isinstance(leaf, torch.Tensor) for _, leaf in leaves_with_path):
+        return None
+    names = ["_".join(_key_text(k) for k in key_path) or "output" for key_path, _ in leaves_with_path]
+    return _unique([name if not name[0].isdigit() else f"output_{name}" for name in names])
+
+
+# -- torch.onnx.export -----------------------------------------------------------------------------------
+
+
+def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: Any, options: ExportOptions,
+                       opset: int | None) -> tuple[ir.Model, list[str], dict[str, tuple[str, Lowering]]]:
+    """``torch.onnx.export`` with the dispatch translations; also returns the input names and each dispatch
+    call's ``(op, Lowering)`` by the id its nodes are stamped with."""
+    leaves, spec, names = _named_leaves(model, args, kwargs)
+    tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+    input_names = [name for name, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)]
+    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
+    dispatches: dict[str, tuple[str, Lowering]] = {}
+    table = {**ATEN_TRANSLATIONS,
+             **{op: _bind_translation(op, fn, options, dispatches) for op, fn in TRANSLATIONS.items()}}
+    export_kwargs: dict[str, Any] = {}
+    if opset is not None:
+        export_kwargs["opset_version"] = opset
+    try:
+        shim = _FlatCall(model, leaves, spec).eval()
+        with _quiet_torch_onnx():
+            program = torch.onnx.export(
+                shim, tensors, dynamo=True, custom_translation_table=table,
+                dynamic_shapes=(dims,), input_names=input_names, output_names=_output_names(reference),
+                verbose=False, **export_kwargs,
+            )
+    except Exception as exc:
+        if logging.getLogger("moefx").isEnabledFor(logging.DEBUG):
+            raise
+        raise OnnxExportError(
+            f"torch.onnx.export failed on {type(model).__name__}: {_explain_failure(exc)} "
+            "(rerun with --debug for the traceback)"
+        ) from exc
+    return program.model, input_names, dispatches
+
+
+def _explain_failure(exc: BaseException) -> str:
+    """The innermost cause of a torch.onnx failure, or what to do when a known limitation caused it."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for error in chain:
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            if frame.f_code.co_name == "_recapture" and Path(frame.f_code.co_filename).match("moefx/capture.py"):
+                container = getattr(frame.f_locals.get("self"), "source_class", "a captured container")
+                return (
+                    f"{container} (captured at conversion) was called under torch.export with inputs it did not "
+                    "see in the eager sample pass, and cannot be captured again while exporting (e.g. an attention "
+                    "mask the eager pass skipped); convert with example inputs that include it (an attention_mask "
+                    "with padding), then export"
+                )
+    root = chain[-1]
+    return f"{type(root).__name__}: {_first_line(root)}"
+
+
+def _bind_translation(op_overload, fn, options: ExportOptions, dispatches: dict[str, tuple[str, Lowering]]):
+    """``fn(options, *args)`` as the plain function of the op's arguments that torch.onnx calls.
+
+    The wrapper stamps every node the translation emitted with an id under which it records the lowering.
+    """
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())[1:]
+    op_name = op_overload.name().replace(".default", "")
+    counter = itertools.count()
+
+    def translation(*args, **kwargs):
+        bound = inspect.Signature(params).bind(*args, **kwargs)
+        bound.apply_defaults()
+        output, lowering = fn(options, *bound.args, **bound.kwargs)
+        dispatch_id = f"{op_name}#{next(counter)}"
+        dispatches[dispatch_id] = (op_name, lowering)
+        arguments = {id(v) for v in pytree.tree_leaves((bound.args, bound.kwargs)) if isinstance(v, ir.Value)}
+        _stamp_subgraph(output, arguments, dispatch_id)
+        return output
+
+    translation.__name__ = fn.__name__
+    translation.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return translation
+
+
+def _stamp_subgraph(output: ir.Value, stop: set[int], value: str) -> None:
+    """Mark every node between the translation's arguments and its output."""
+    stack, seen = [output], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in stop:
+            continue
+        node = current.producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        node.metadata_props[_DISPATCH_KEY] = value
+        stack.extend(node.inputs)
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx() -> Iterator[None]:
+    # torch.onnx logs every torchlib op it skips (torchvision) and every recoverable specialisation at WARNING;
+    # the onnxscript and onnx_ir passes log every fold and deduplication at INFO.
+    names = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript",
+             "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    quiet = not logging.getLogger("moefx").isEnabledFor(logging.DEBUG)
+    for lg in loggers:
+        if quiet:
+            lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# -- after export: fold, attribute nodes to layers, count ------------------------------------------------
+
+
+def _fold_weight_preparation(model: ir.Model) -> None:
+    """Fold the translations' weight-only subgraphs (gate/up interleaving, transposes) into initializers."""
+    from onnxscript import optimizer
+
+    with _quiet_torch_onnx():
+        optimizer.fold_constants(
+            model,
+            output_size_limit=2**62,
+            should_fold=lambda node: True if _DISPATCH_KEY in node.metadata_props else None,
+        )
+        optimizer.remove_unused_nodes(model)
+
+
+def _layer_reports(model: ir.Model, layers: list[tuple[str, nn.Module]],
+                   dispatches: dict[str, tuple[str, Lowering]]) -> list[LayerExport]:
+    """Attribute the stamped nodes to MoE layers (and name them after it); one report per layer."""
+    counts: dict[str, Counter] = {key: Counter() for key in dispatches}
+    owner: dict[str, str] = {}
+    for node in model.graph.all_nodes():
+        key = node.metadata_props.pop(_DISPATCH_KEY, None)
+        if key is None or key not in counts:
+            continue
+        counts[key][_op_name(node)] += 1
+        layer = _layer_of(node)
+        if layer is not None:
+            owner.setdefault(key, layer)
+            node.metadata_props["moefx.layer"] = layer
+            _name_initializer_inputs(model.graph, node, layer)
+    # A layer called more than once has one dispatch per call; a dispatch whose nodes lost the exporter's
+    # module metadata goes to the first layer without one, in model order.
+    unclaimed = [key for key in dispatches if key not in owner]
+    reports = []
+    for name, _ in layers:
+        keys = [key for key in dispatches if owner.get(key) == name] or unclaimed[:1]
+        if not keys:
+            reports.append(LayerExport(name, "", None))
+            continue
+        if keys[0] in unclaimed:
+            unclaimed.remove(keys[0])
+        op_name, lowering = dispatches[keys[0]]
+        nodes = sum((counts[key] for key in keys), Counter())
+        reports.append(LayerExport(name, op_name, lowering, dict(nodes)))
+    return reports
+
+
+def _name_initializer_inputs(graph: ir.Graph, node: ir.Node, layer: str) -> None:
+    """Give the folded weights of a fused node readable names: ``<layer>.fc1_experts_weights``, ..."""
+    if node.domain != MS_DOMAIN:
+        return
+    for value, role in zip(node.inputs, ORT_MOE_INPUTS):
+        if value is None or not value.is_initializer() or not (value.name or "").startswith("val_"):
+            continue
+        name = f"{layer}.{role}"
+        if name not in graph.initializers:
+            value.name = name
+
+
+def _strip_shim_prefix(model: ir.Model) -> None:
+    """Initializers are named after the wrapper that flattened the inputs (``mod.``); use the model's names."""
+    for value in list(model.graph.initializers.values()):
+        name = value.name or ""
+        if name.startswith(_SHIM_PREFIX) and name[len(_SHIM_PREFIX):] not in model.graph.initializers:
+            value.name = name[len(_SHIM_PREFIX):]
+
+
+def _layer_of(node: ir.Node) -> str | None:
+    """The MoE layer a node was exported from, from the exporter's module-stack metadata."""
+    import ast
+
+    try:
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    except (ValueError, SyntaxError):
+        return None
+    for scope, cls in reversed(list(zip(scopes, classes))):
+        if cls == _MOE_LAYER_CLASS:
+            return scope[len(_SHIM_PREFIX):] if scope.startswith(_SHIM_PREFIX) else scope
+    return None
+
+
+def _static_input_notes(model: ir.Model) -> list[str]:
+    """Inputs whose leading (batch) axis torch.export specialised, typically because the example had size 1."""
+    return [
+        f"input {value.name!r} has a fixed leading axis of {value.shape[0]}: export with example inputs of batch "
+        "(and sequence) size 2 or more for dynamic axes"
+        for value in model.graph.inputs
+        if value.shape is not None and len(value.shape) >= 1 and isinstance(value.shape[0], int)
+    ]
+
+
+def _op_name(node: ir.Node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    return dict(Counter(_op_name(node) for node in model.graph).most_common())
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _describe_value(value: ir.Value) -> dict[str, Any]:
+    shape = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype is not None else None, "shape": shape}
+
+
+# -- output: staging, checks, publishing -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _output_staging(path: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory beside ``path`` (made before the export, so a bad path fails fast)."""
+    if path.is_dir():
+        raise MoefxError(f"{path}: is a directory; give the .onnx file to write, e.g. {path / 'model.onnx'}")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists; pass --force (force=True) to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise MoefxError(f"{path}: the directory {parent} does not exist; create it first or choose another path")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise MoefxError(f"{path}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, path: Path, data_name: str | None) -> None:
+    """Move the staged file (and its data file first) into place; drop a stale data file of an old export."""
+    stale = path.with_name(f"{path.name}.data")
+    try:
+        if data_name:
+            os.replace(staging / data_name, path.with_name(data_name))
+        os.replace(staging / path.name, path)
+        if not data_name and stale.exists():
+            stale.unlink()
+    except OSError as exc:
+        raise MoefxError(f"{path}: writing failed ({exc.strerror or exc})") from None
+
+
+def _check(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # onnx raises ValidationError and InferenceError
+        raise OnnxExportError(f"the exported model fails onnx.checker: {_first_line(exc)} (a bug in moefx)") from exc
+
+
+def _verify(path: Path, args: tuple, kwargs: dict, reference: Any, input_names: list[str]) -> dict[str, Any]:
+    """Run the file once with ONNX Runtime on the example inputs and compare with the torch outputs."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"compared": False, "reason": "onnxruntime is not installed"}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)} (a bug in moefx)") from exc
+    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    by_name = dict(zip(input_names, tensors))
+    graph_inputs = [i.name for i in session.get_inputs()]
+    if not set(graph_inputs) <= set(by_name):  # renamed by the exporter: inputs keep their order
+        by_name = dict(zip(graph_inputs, tensors))
+    feed = {name: by_name[name].detach().cpu().numpy() for name in graph_inputs}
+    outputs = session.run(None, feed)
+    expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    if len(expected) != len(outputs):
+        return {"compared": False, "reason": f"{len(outputs)} ONNX outputs vs {len(expected)} torch outputs"}
+    errors, scale = [], 0.0
+    for got, want in zip(outputs, expected):
+        if not want.is_floating_point():
+            continue
+        want = want.detach().float().cpu()
+        errors.append(float((torch.from_numpy(got).float() - want).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+    if not errors:
+        return {"compared": False, "reason": "no floating-point outputs"}
+    return {"compared": True, "max_abs_error": max(errors), "max_abs_reference": scale,
+            "per_output": errors}

@@ -1,0 +1,411 @@
+"""ONNX translations of moefx's dispatch ops: one fused ``com.microsoft.MoE`` node, or standard ONNX ops.
+
+Every ``moefx::`` dispatch op has one translation in :data:`TRANSLATIONS`, keyed by its ``OpOverload``; the
+exporter hands it to ``torch.onnx.export`` as a ``custom_translation_table`` entry. A translation is a plain
+function ``(options, *op_args) -> (output, Lowering)``: it emits onnxscript ops for one call of the op and says
+how it lowered it and why. A router that brings its own dispatch op registers its translation with
+:func:`register_translation`, built from the pieces here:
+
+* :func:`fused_activation` - can ONNX Runtime's MoE kernel compute these experts, and with which attributes;
+* :func:`ort_moe` - the fused node for softmax-top-k routing (router logits fed as ``router_probs``);
+* :func:`ort_moe_weighted` - the fused node for any non-negative per-expert combine weights;
+* :func:`topk_combine`, :func:`assigned_combine` - a dense ``[tokens, experts]`` combine matrix;
+* :func:`dense_experts` - all experts batched with MatMul, combined by that matrix (standard ops only).
+
+Facts about ONNX Runtime's CPU MoE kernel (onnxruntime 1.32) this module relies on, each measured against a
+NumPy reference: ``relu``/``silu``/``identity`` are exact; ``gelu`` is the tanh approximation (exact for
+``gelu_tanh``, up to 4.7e-4 from erf GELU); ``swiglu`` needs ``swiglu_fusion=1`` (gate and up interleaved by row) and
+computes ``g * sigmoid(alpha * g) * (u + beta)`` with no clamp unless ``swiglu_limit`` is set (defaults
+``alpha=1, beta=0``); ``relu2`` and ``geglu`` are rejected on CPU (CUDA only). ``use_sparse_mixer`` is never set (the CPU kernel
+ignores it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from onnxscript import opset18 as op
+
+from .schemas import ort_moe_opset
+
+__all__ = [
+    "ATEN_TRANSLATIONS",
+    "GELU_APPROXIMATION",
+    "ONNX_ACTIVATIONS",
+    "TRANSLATIONS",
+    "ExpertWeights",
+    "ExportOptions",
+    "Lowering",
+    "OrtActivation",
+    "assigned_combine",
+    "dense_experts",
+    "fused_activation",
+    "ort_moe",
+    "ort_moe_weighted",
+    "register_translation",
+    "topk_combine",
+]
+
+GELU_APPROXIMATION = (
+    "exact (erf) GELU runs as ONNX Runtime's tanh-approximated GELU (|difference| <= 4.7e-4 per activation); "
+    "export with exact=True (--exact) to keep the layer exact, unfused"
+)
+_DENSE_METHOD = "standard ONNX ops: dense [tokens, experts] combine matrix, all experts batched with MatMul"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user asked of the ONNX export.
+
+    Attributes:
+        fused: translate each MoE layer to one ``com.microsoft.MoE`` node where ONNX Runtime can run it.
+        exact: keep layers unfused where the fused kernel would approximate them (exact GELU).
+        fuse_assigned: also fuse layers whose router assigns experts itself (capacity limits), by feeding
+            the assignment to the fused node as log-weights (needs non-negative combine weights).
+    """
+
+    fused: bool = True
+    exact: bool = False
+    fuse_assigned: bool = False
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How one dispatch-op call was translated, and why."""
+
+    fused: bool
+    method: str
+    reason: str
+    approximations: tuple[str, ...] = ()
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fused": self.fused, "method": self.method, "reason": self.reason,
+                "approximations": list(self.approximations), "attributes": dict(self.attributes)}
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The expert bank of one dispatch call as ONNX values (the op's ``w1, b1, w3, b3, w2, b2``)."""
+
+    w1: ir.Value  # [E, I, H] (gate when gated)
+    b1: ir.Value | None  # [E, I]
+    w3: ir.Value | None  # [E, I, H] up of a gated FFN
+    b3: ir.Value | None
+    w2: ir.Value  # [E, O, I]
+    b2: ir.Value | None  # [E, O]
+    activation: str
+
+    @property
+    def gated(self) -> bool:
+        return self.w3 is not None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.w1.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.w1.shape[2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.w2.shape[1])
+
+
+# -- activations in standard ONNX ops -------------------------------------------------------------------
+
+
+def _gelu(x: ir.Value) -> ir.Value:
+    return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, math.sqrt(0.5))), 1.0))
+
+
+def _gelu_tanh(x: ir.Value) -> ir.Value:
+    inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), math.sqrt(2.0 / math.pi))
+    return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+
+
+def _relu2(x: ir.Value) -> ir.Value:
+    r = op.Relu(x)
+    return op.Mul(r, r)
+
+
+#: Every activation in :data:`moefx.activations.ACTIVATIONS`, in standard ONNX ops (opset 18).
+ONNX_ACTIVATIONS: dict[str, Callable[[ir.Value], ir.Value]] = {
+    "relu": op.Relu,
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": lambda x: op.Mul(x, op.Sigmoid(x)),
+    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
+    "relu2": _relu2,
+    "tanh": op.Tanh,
+    "sigmoid": op.Sigmoid,
+}
+
+
+# -- what ONNX Runtime's MoE kernel can compute ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrtActivation:
+    """ONNX Runtime MoE attributes that compute a moefx activation, and how fc1 must be laid out.
+
+    ``fc1_layout``: ``"up"`` (fc1 = w1), ``"gate_up"`` (rows of w1 and w3 interleaved, swiglu_fusion=1) or
+    ``"gate_zero"`` (rows of w1 interleaved with zero rows, so swiglu's up factor is ``0 + beta = 1``).
+    """
+
+    activation_type: str
+    fc1_layout: str = "up"
+    attributes: dict[str, Any] = field(default_factory=dict)
+    approximation: str | None = None
+    note: str = ""
+
+
+_SWIGLU = {"activation_type": "swiglu", "fc1_layout": "gate_up"}
+_ORT_ACTIVATIONS: dict[tuple[str, bool], OrtActivation] = {
+    ("relu", False): OrtActivation("relu"),
+    ("silu", False): OrtActivation("silu"),
+    ("gelu_tanh", False): OrtActivation("gelu"),
+    ("gelu", False): OrtActivation("gelu", approximation=GELU_APPROXIMATION),
+    ("quick_gelu", False): OrtActivation(
+        "swiglu", "gate_zero", {"swiglu_fusion": 1, "activation_alpha": 1.702, "activation_beta": 1.0},
+        note="x*sigmoid(1.702x) as swiglu over zero up rows (fc1 twice as large)",
+    ),
+    ("silu", True): OrtActivation(**_SWIGLU, attributes={"swiglu_fusion": 1, "activation_alpha": 1.0,
+                                                         "activation_beta": 0.0}),
+    ("quick_gelu", True): OrtActivation(**_SWIGLU, attributes={"swiglu_fusion": 1, "activation_alpha": 1.702,
+                                                               "activation_beta": 0.0}),
+}
+_NO_ORT_FORM: dict[tuple[str, bool], str] = {
+    ("gelu", True): "GeGLU experts: ONNX Runtime's MoE runs geglu on CUDA only (its CPU kernel rejects it)",
+    ("gelu_tanh", True): "GeGLU experts: ONNX Runtime's MoE runs geglu on CUDA only (its CPU kernel rejects it)",
+    ("relu2", False): "squared-ReLU experts: ONNX Runtime's MoE runs relu2 on CUDA only (its CPU kernel rejects it)",
+}
+_FUSED_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def fused_activation(experts: ExpertWeights, x: ir.Value, options: ExportOptions) -> OrtActivation | str:
+    """The ONNX Runtime MoE form of these experts, or the reason there is none (for the export report)."""
+    key = (experts.activation, experts.gated)
+    kind = ("gated " if experts.gated else "") + experts.activation
+    if key in _NO_ORT_FORM:
+        return _NO_ORT_FORM[key]
+    form = _ORT_ACTIVATIONS.get(key)
+    if form is None:
+        return f"{kind} experts: ONNX Runtime's MoE kernel has no such activation"
+    if form.approximation and options.exact:
+        return "exact GELU experts: ONNX Runtime's MoE computes the tanh approximation, and exact export was asked for"
+    if experts.out_features != experts.in_features:
+        return (f"experts map {experts.in_features} -> {experts.out_features} features; ONNX Runtime's MoE "
+                "needs the output width equal to the input width")
+    if x.dtype is not None and x.dtype not in _FUSED_DTYPES:
+        return f"{x.dtype.name} activations: ONNX Runtime's CPU MoE kernel runs float32 and float16 only"
+    return form
+
+
+# -- fused: com.microsoft.MoE ----------------------------------------------------------------------------
+
+
+def _interleave_rows(first: ir.Value, second: ir.Value) -> ir.Value:
+    """``[E, I, ...]`` x 2 -> ``[E, 2I, ...]`` with rows ``first[0], second[0], first[1], ...``."""
+    shape = [int(d) for d in first.shape]
+    pairs = op.Concat(op.Unsqueeze(first, [2]), op.Unsqueeze(second, [2]), axis=2)  # [E, I, 2, ...]
+    return op.Reshape(pairs, op.Constant(value_ints=[shape[0], 2 * shape[1], *shape[2:]]))
+
+
+def _zeros_like(value: ir.Value) -> ir.Value:
+    zero = op.CastLike(op.Constant(value_float=0.0), value)
+    return op.Expand(zero, op.Constant(value_ints=[int(d) for d in value.shape]))
+
+
+def _fc1(experts: ExpertWeights, layout: str) -> tuple[ir.Value, ir.Value | None]:
+    """fc1 weights and bias in the layout ``layout`` (weight-only subgraphs, folded after export)."""
+    w1, b1 = experts.w1, experts.b1
+    if layout == "up":
+        return w1, b1
+    if layout == "gate_up":
+        w3, b3 = experts.w3, experts.b3
+        assert w3 is not None
+        bias = None
+        if b1 is not None or b3 is not None:
+            bias = _interleave_rows(b1 if b1 is not None else _zeros_like(b3),
+                                    b3 if b3 is not None else _zeros_like(b1))
+        return _interleave_rows(w1, w3), bias
+    if layout == "gate_zero":
+        bias = None if b1 is None else _interleave_rows(b1, _zeros_like(b1))
+        return _interleave_rows(w1, _zeros_like(w1)), bias
+    raise ValueError(f"unknown fc1 layout {layout!r}")
+
+
+def _ort_attributes(form: OrtActivation, k: int, normalize: bool) -> dict[str, Any]:
+    return {"k": int(k), "activation_type": form.activation_type, "normalize_routing_weights": int(normalize),
+            **form.attributes}
+
+
+def ort_moe(x: ir.Value, router_logits: ir.Value, experts: ExpertWeights, form: OrtActivation, *, k: int,
+            normalize: bool) -> tuple[ir.Value, Lowering]:
+    """One ``com.microsoft.MoE`` node: softmax over the logits, top k, optional renormalisation, experts.
+
+    That is exactly ``moefx::topk_moe``, so the router logits go in as ``router_probs`` unchanged.
+    """
+    fc1, fc1_bias = _fc1(experts, form.fc1_layout)
+    probs = router_logits if router_logits.dtype == x.dtype else op.CastLike(router_logits, x)  # [T, E]
+    attributes = _ort_attributes(form, k, normalize)
+    y = ort_moe_opset().MoE(x, probs, fc1, fc1_bias, experts.w2, experts.b2, **attributes)
+    return y, _fused_lowering(form, attributes, "token-choice top-k routing is what com.microsoft.MoE computes")
+
+
+def ort_moe_weighted(x: ir.Value, combine: ir.Value, experts: ExpertWeights, form: OrtActivation, *,
+                     k: int) -> tuple[ir.Value, Lowering]:
+    """One ``com.microsoft.MoE`` node for arbitrary non-negative combine weights ``combine [T, E]``.
+
+    The kernel weights expert e by ``softmax(router_probs)[e]`` over the top k (renormalised). Feeding
+    ``router_probs = log(w)`` (``-1e4`` where ``w == 0``) makes that ``w_e / sum(w)`` on the at most k
+    experts with ``w > 0``; multiplying the output by ``sum(w)`` restores ``sum_e w_e * expert_e(x)``. A
+    token with no expert (all dropped) has ``sum(w) = 0`` and gets zero, as in torch. ``k`` must be at least
+    the number of non-zero weights per token.
+    """
+    fc1, fc1_bias = _fc1(experts, form.fc1_layout)
+    combine = op.Cast(combine, to=ir.DataType.FLOAT)  # [T, E]
+    log_weight = op.Where(op.Greater(combine, 0.0), op.Log(combine), -1.0e4)  # exp(-1e4) == 0 in float32
+    total = op.ReduceSum(combine, op.Constant(value_ints=[1]), keepdims=1)  # [T, 1]
+    attributes = _ort_attributes(form, k, True)
+    y = ort_moe_opset().MoE(x, op.CastLike(log_weight, x), fc1, fc1_bias, experts.w2, experts.b2, **attributes)
+    y = op.Mul(y, op.CastLike(total, y))
+    return y, _fused_lowering(
+        form, attributes,
+        "the router's assignment is fed to com.microsoft.MoE as log-weights and the output rescaled by their sum",
+    )
+
+
+def _fused_lowering(form: OrtActivation, attributes: dict[str, Any], reason: str) -> Lowering:
+    method = "com.microsoft.MoE(" + ", ".join(f"{k}={v}" for k, v in attributes.items()) + ")"
+    if form.note:
+        method += f"; {form.note}"
+    approximations = (form.approximation,) if form.approximation else ()
+    return Lowering(True, method, reason, approximations, dict(attributes))
+
+
+# -- unfused: standard ONNX ops --------------------------------------------------------------------------
+
+
+def topk_combine(router_logits: ir.Value, k: int, normalize: bool) -> ir.Value:
+    """Softmax top-k routing as a dense combine matrix ``[T, E]`` (zero outside each token's top k)."""
+    probs = op.Softmax(router_logits, axis=-1)  # [T, E]
+    weight, index = op.TopK(probs, op.Constant(value_ints=[int(k)]), axis=-1)  # [T, k]
+    if normalize:
+        weight = op.Div(weight, op.ReduceSum(weight, op.Constant(value_ints=[-1]), keepdims=1))
+    zeros = op.CastLike(op.ConstantOfShape(op.Shape(probs)), probs)
+    return op.ScatterElements(zeros, index, weight, axis=1)
+
+
+def assigned_combine(expert_index: ir.Value, combine_weight: ir.Value, num_experts: int) -> ir.Value:
+    """A given assignment (``expert_index [T, k]``, ``-1`` = dropped) as a dense combine matrix ``[T, E]``."""
+    kept = op.GreaterOrEqual(expert_index, op.Constant(value_int=0))  # [T, k]
+    index = op.Where(kept, expert_index, op.Constant(value_int=0))
+    weight = op.Where(kept, combine_weight, op.CastLike(op.Constant(value_float=0.0), combine_weight))
+    shape = op.Concat(op.Shape(expert_index, start=0, end=1), op.Constant(value_ints=[num_experts]), axis=0)
+    zeros = op.CastLike(op.ConstantOfShape(shape), combine_weight)
+    return op.ScatterElements(zeros, index, weight, axis=1, reduction="add")  # dropped slots add 0
+
+
+def _project(x: ir.Value, weight: ir.Value, bias: ir.Value | None) -> ir.Value:
+    """``x [T, H]`` through every expert's ``weight [E, N, H]`` -> ``[E, T, N]``."""
+    y = op.MatMul(x, op.Transpose(weight, perm=[0, 2, 1]))
+    return y if bias is None else op.Add(y, op.Unsqueeze(bias, [1]))
+
+
+def dense_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> ir.Value:
+    """Every expert on every token (batched MatMul), weighted by ``combine [T, E]`` and summed -> ``[T, O]``."""
+    h = ONNX_ACTIVATIONS[experts.activation](_project(x, experts.w1, experts.b1))  # [E, T, I]
+    if experts.w3 is not None:
+        h = op.Mul(h, _project(x, experts.w3, experts.b3))
+    y = _project(h, experts.w2, experts.b2)  # [E, T, O]
+    gate = op.Unsqueeze(op.Transpose(combine, perm=[1, 0]), [2])  # [E, T, 1]
+    if combine.dtype != x.dtype:
+        gate = op.CastLike(gate, x)
+    return op.ReduceSum(op.Mul(y, gate), op.Constant(value_ints=[0]), keepdims=0)
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+
+#: ``(options, *op_args) -> (output, Lowering)``
+Translation = Callable[..., tuple[ir.Value, Lowering]]
+
+#: Translations of the dispatch ops, by op overload.
+TRANSLATIONS: dict[torch._ops.OpOverload, Translation] = {}
+
+
+def register_translation(op_overload: torch._ops.OpOverload) -> Callable[[Translation], Translation]:
+    """Decorator: register ``fn`` as the ONNX translation of the dispatch op ``op_overload``.
+
+    ``fn(options, *args)`` takes :class:`ExportOptions` and the op's arguments (tensors as ONNX values,
+    ``None`` for absent optional tensors, Python values for the rest) and returns ``(output, Lowering)``.
+    """
+
+    def register(fn: Translation) -> Translation:
+        TRANSLATIONS[op_overload] = fn
+        return fn
+
+    return register
+
+
+#: ATen ops that routers use and torch.onnx has no translation for: op overload -> onnxscript function.
+ATEN_TRANSLATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
+
+
+def _aten_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``torch.sort(..., stable=True)`` (``argsort(stable=True)``, Batch Priority Routing).
+
+    ONNX TopK over the whole axis breaks ties by the lower index first, which is exactly a stable sort.
+    """
+    axis = dim % len(self.shape)
+    count = op.Shape(self, start=axis, end=axis + 1)
+    values, indices = op.TopK(self, count, axis=axis, largest=int(bool(descending)), sorted=1)
+    return values, indices
+
+
+ATEN_TRANSLATIONS[torch.ops.aten.sort.stable] = _aten_sort_stable
+
+
+def _unfused_reason(options: ExportOptions, fused_form: OrtActivation | str) -> str:
+    if not options.fused:
+        return "unfused export was asked for"
+    return fused_form if isinstance(fused_form, str) else ""
+
+
+@register_translation(torch.ops.moefx.topk_moe.default)
+def translate_topk_moe(options: ExportOptions, x, router_logits, w1, b1, w3, b3, w2, b2, k: int, normalize: bool,
+                       activation: str) -> tuple[ir.Value, Lowering]:
+    """Dropless softmax top-k: fused as com.microsoft.MoE, else standard ops."""
+    experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
+    form = fused_activation(experts, x, options)
+    if options.fused and isinstance(form, OrtActivation):
+        return ort_moe(x, router_logits, experts, form, k=k, normalize=normalize)
+    combine = topk_combine(router_logits, k, normalize)
+    return dense_experts(x, combine, experts), Lowering(False, _DENSE_METHOD, _unfused_reason(options, form))
+
+
+_ASSIGNED_REASON = (
+    "its router assigns experts itself (capacity limits drop tokens; expert choice, soft slots), which "
+    "com.microsoft.MoE's softmax top-k routing does not compute; fuse_assigned=True (--fuse-assigned) fuses it "
+    "with log-weights"
+)
+
+
+@register_translation(torch.ops.moefx.moe_ffn.default)
+def translate_moe_ffn(options: ExportOptions, x, expert_index, combine_weight, w1, b1, w3, b3, w2, b2,
+                      activation: str) -> tuple[ir.Value, Lowering]:
+    """A given assignment: standard ops, or (``fuse_assigned``) com.microsoft.MoE fed with log-weights."""
+    experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
+    combine = assigned_combine(expert_index, combine_weight, experts.num_experts)  # [T, E]
+    form = fused_activation(experts, x, options)
+    if options.fused and options.fuse_assigned and isinstance(form, OrtActivation):
+        return ort_moe_weighted(x, combine, experts, form, k=int(expert_index.shape[1]))
+    reason = _unfused_reason(options, form) or _ASSIGNED_REASON
+    return dense_experts(x, combine, experts), Lowering(False, _DENSE_METHOD, reason)

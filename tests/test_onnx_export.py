@@ -1,0 +1,461 @@
+"""ONNX export: the graph has the expected nodes, ONNX Runtime agrees with torch, and the file is a real artefact.
+
+Three layers, as for every export path: the translation chose what it should (one ``com.microsoft.MoE`` node
+per fused layer, standard domains only when unfused, fallbacks named in the report), the numbers agree (ONNX
+Runtime at a batch and sequence length other than the export's against the converted torch model), and the
+file stands alone (onnx.checker, a fresh process without moefx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moefx
+from moefx.errors import MoefxError, OutputExistsError
+
+from conftest import tiny_hf_model
+from toy_models import MLP, Block, GatedMLP, Stack
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from moefx.onnx import OnnxExportError, export_onnx  # noqa: E402
+from moefx.onnx.translations import (  # noqa: E402
+    ATEN_TRANSLATIONS,
+    GELU_APPROXIMATION,
+    ONNX_ACTIVATIONS,
+    TRANSLATIONS,
+)
+
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_vs_torch(path: Path, model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Max abs difference between ONNX Runtime and the torch model over every float output."""
+    sess = session(path)
+    got = sess.run(None, {i.name: inputs[i.name].numpy() for i in sess.get_inputs()})
+    with torch.no_grad():
+        out = model(**inputs, **({"use_cache": False} if "use_cache" in _params(model) else {}))
+    want = [t for t in (out.values() if hasattr(out, "values") else out) if isinstance(t, torch.Tensor)]
+    assert len(got) == len(want)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want) if w.is_floating_point())
+
+
+def _params(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def hf_inputs(name: str, batch: int, seq: int, seed: int, padded: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (batch, seq), generator=g)
+    inputs = {"input_ids": ids}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        inputs["attention_mask"] = mask
+    if name == "t5":
+        inputs["decoder_input_ids"] = ids[:, : max(seq // 2, 1)]
+    return inputs
+
+
+def moe_nodes(model_proto) -> list:
+    return [n for n in model_proto.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
+
+
+def assert_no_per_expert_subgraphs(model_proto, num_experts: int) -> None:
+    """Expert weights ([E, ...] initializers) feed only MoE nodes: no Gather/Slice per expert, no expert loop."""
+    expert_weights = {i.name for i in model_proto.graph.initializer if len(i.dims) == 3 and i.dims[0] == num_experts}
+    assert expert_weights
+    for node in model_proto.graph.node:
+        if expert_weights & set(node.input):
+            assert (node.domain, node.op_type) == ("com.microsoft", "MoE"), node.op_type
+
+
+def assert_standard_domains_only(model_proto) -> None:
+    assert {n.domain for n in model_proto.graph.node} <= STANDARD_DOMAINS
+    assert {o.domain for o in model_proto.opset_import} <= STANDARD_DOMAINS
+
+
+def toy_model(ffn_factory, d: int = 16, layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Stack([Block(ffn_factory(), d) for _ in range(layers)]).eval()
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SquaredReLU(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import cost, registry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_import_moefx_does_not_import_onnx():
+    code = ("import sys, moefx; heavy = [m for m in ('onnx', 'onnxscript', 'onnxruntime', 'onnx_ir', 'moefx.onnx') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_activation_and_dispatch_op_has_a_translation():
+    from moefx.activations import ACTIVATIONS
+
+    assert set(ACTIVATIONS) <= set(ONNX_ACTIVATIONS)
+    assert {torch.ops.moefx.topk_moe.default, torch.ops.moefx.moe_ffn.default} <= set(TRANSLATIONS)
+
+
+class _StableSorts(nn.Module):
+    def forward(self, x):
+        return torch.argsort(x, dim=-1, descending=True, stable=True), torch.sort(x, dim=0, stable=True)
+
+
+def test_stable_sort_translation_breaks_ties_like_torch(tmp_path):
+    """Batch Priority Routing sorts with stable=True, which torch.onnx does not translate by itself."""
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 1.0, 2.0, 0.0], [2.0, 3.0, 1.0, 2.0, 0.0]])
+    program = torch.onnx.export(_StableSorts().eval(), (x,), dynamo=True, custom_translation_table=ATEN_TRANSLATIONS,
+                                verbose=False)
+    program.save(str(tmp_path / "sort.onnx"))
+    got = session(tmp_path / "sort.onnx").run(None, {"x": x.numpy()})
+    order, (values, indices) = _StableSorts()(x)
+    for g, w in zip(got, [order, values, indices]):
+        np.testing.assert_array_equal(g, w.numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face models: parity with torch at new shapes, graph structure
+# ---------------------------------------------------------------------------------------------------------
+
+HF_CASES = [("gpt2", "upcycle"), ("gpt2", "random"), ("bert", "random"), ("llama", "upcycle"),
+            ("llama", "random"), ("t5", "random")]
+
+
+@pytest.fixture(scope="module")
+def converted_hf():
+    cache: dict[tuple[str, str, bool], nn.Module] = {}
+
+    def get(name: str, init: str, padded: bool = False) -> nn.Module:
+        if (name, init, padded) not in cache:
+            dense = tiny_hf_model(name)
+            cache[name, init, padded] = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init=init),
+                                                      example_kwargs=hf_inputs(name, 2, 8, seed=0, padded=padded))
+        return cache[name, init, padded]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize(("name", "init"), HF_CASES, ids=[f"{n}-{i}" for n, i in HF_CASES])
+def test_hf_model_matches_torch(converted_hf, tmp_path, name, init, fused):
+    model = converted_hf(name, init)
+    layers = moefx.moe_layers(model)
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(model, None, path, fused=fused)
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    assert len(report.layers) == len(layers)
+    if fused:
+        assert all(layer.fused and layer.nodes == {"com.microsoft::MoE": 1} for layer in report.layers)
+        assert len(moe_nodes(proto)) == len(layers)
+        assert_no_per_expert_subgraphs(proto, num_experts=4)
+    else:
+        assert not any(layer.fused for layer in report.layers)
+        assert_standard_domains_only(proto)
+
+    approximated = bool(report.approximations)
+    assert approximated == (fused and name == "bert")  # only BERT has exact-GELU FFNs
+    tolerance = 1e-3 if approximated else 1e-4
+    assert report.verification["compared"] and report.verification["max_abs_error"] <= tolerance
+    error = ort_vs_torch(path, model, hf_inputs(name, batch=3, seq=5, seed=1))  # export used batch 2, seq 8
+    assert error <= tolerance, f"{name}/{init}: max abs error {error:.2e}"
+
+
+@pytest.mark.slow
+def test_exact_keeps_exact_gelu_layers_unfused(converted_hf, tmp_path):
+    model = converted_hf("bert", "random", padded=True)  # with an attention_mask input this time
+    approximate = export_onnx(model, None, tmp_path / "approx.onnx")
+    assert approximate.approximations == [GELU_APPROXIMATION]
+    assert all(GELU_APPROXIMATION in layer.lowering.approximations for layer in approximate.layers)
+
+    exact = export_onnx(model, None, tmp_path / "exact.onnx", exact=True)
+    assert exact.approximations == []
+    assert not any(layer.fused for layer in exact.layers)
+    assert all("exact" in layer.lowering.reason for layer in exact.layers)
+    assert moe_nodes(onnx.load(str(tmp_path / "exact.onnx"))) == []
+    assert [i.name for i in session(tmp_path / "exact.onnx").get_inputs()] == ["input_ids", "attention_mask"]
+    assert ort_vs_torch(tmp_path / "exact.onnx", model, hf_inputs("bert", 3, 5, seed=2, padded=True)) <= 1e-4
+    assert ort_vs_torch(tmp_path / "approx.onnx", model, hf_inputs("bert", 3, 5, seed=2, padded=True)) <= 1e-3
+
+
+@pytest.mark.slow
+def test_runs_in_a_process_without_moefx(converted_hf, tmp_path):
+    model = converted_hf("llama", "random")
+    path = tmp_path / "llama.onnx"
+    export_onnx(model, None, path)
+    inputs = hf_inputs("llama", 1, 11, seed=3)
+    np.save(tmp_path / "ids.npy", inputs["input_ids"].numpy())
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+        f"out = s.run(None, {{'input_ids': np.load({str(tmp_path / 'ids.npy')!r})}})[0]\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        "assert not [m for m in sys.modules if m.startswith('moefx') or m == 'torch'], 'imported moefx or torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).logits.numpy()
+    assert np.abs(np.load(tmp_path / "out.npy") - want).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every activation / gating variant: fused where ORT's kernel computes it, else unfused with a reason
+# ---------------------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    # id: (FFN factory, fused?, words the reason must contain when not fused)
+    "relu": (lambda: MLP(act=nn.ReLU()), True, None),
+    "gelu_tanh": (lambda: MLP(act=nn.GELU("tanh")), True, None),
+    "silu-nobias": (lambda: MLP(act=nn.SiLU(), bias=False), True, None),
+    "quick_gelu": (lambda: MLP(act=QuickGELU()), True, None),
+    "swiglu": (lambda: GatedMLP(), True, None),
+    "swiglu-bias": (lambda: GatedMLP(bias=True), True, None),
+    "gated-quick_gelu": (lambda: GatedMLP(act=QuickGELU()), True, None),
+    "geglu": (lambda: GatedMLP(act=nn.GELU()), False, "GeGLU"),
+    "relu2": (lambda: MLP(act=SquaredReLU()), False, "relu2"),
+    "tanh": (lambda: MLP(act=nn.Tanh()), False, "no such activation"),
+    "gated-relu": (lambda: GatedMLP(act=nn.ReLU()), False, "no such activation"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_activation_variants(tmp_path, variant):
+    factory, fused, reason = VARIANTS[variant]
+    model = toy_model(factory)
+    config = moefx.MoEConfig(num_experts=4, top_k=2, init="random")
+    moe = moefx.convert(model, config, torch.randn(2, 6, 16))
+    report = export_onnx(moe, None, tmp_path / "toy.onnx")
+    assert [layer.fused for layer in report.layers] == [fused, fused]
+    if reason is not None:
+        assert all(reason in layer.lowering.reason for layer in report.layers)
+    x = torch.randn(3, 5, 16) * 3  # wide inputs reach the activations' tails
+    sess = session(tmp_path / "toy.onnx")
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = moe(x).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("top_k", "normalize"), [(1, False), (2, False), (4, False), (3, True)])
+def test_routing_variants_fused(tmp_path, top_k, normalize):
+    """Switch (k=1, raw gate), GShard-style raw top-2, all experts with raw softmax weights, renormalised top-3."""
+    moe = moefx.convert(toy_model(GatedMLP), moefx.MoEConfig(num_experts=4, top_k=top_k, normalize_weights=normalize,
+                                                               init="random"), torch.randn(2, 6, 16))
+    report = export_onnx(moe, None, tmp_path / "toy.onnx")
+    assert all(layer.fused for layer in report.layers)
+    x = torch.randn(4, 3, 16)
+    sess = session(tmp_path / "toy.onnx")
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - moe(x).numpy()).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capacity factor: falls back to unfused (or fuses with log-weights when asked)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fuse_assigned", [False, True], ids=["fallback", "fuse-assigned"])
+def test_capacity_factor_layer(tmp_path, fuse_assigned):
+    config = moefx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, init="random")
+    moe = moefx.convert(toy_model(lambda: MLP(act=nn.SiLU())), config, torch.randn(2, 8, 16))
+    path = tmp_path / "cap.onnx"
+    report = export_onnx(moe, None, path, fuse_assigned=fuse_assigned)
+    proto = onnx.load(str(path))
+    if fuse_assigned:
+        assert all(layer.fused and layer.nodes["com.microsoft::MoE"] == 1 for layer in report.layers)
+        assert len(moe_nodes(proto)) == 2
+    else:
+        assert not any(layer.fused for layer in report.layers)
+        assert all(layer.op == "moefx::moe_ffn" and "capacity" in layer.lowering.reason for layer in report.layers)
+        assert moe_nodes(proto) == []
+        assert "capacity" in report.render()
+    x = torch.randn(3, 5, 16)  # 15 tokens, capacity ceil(15/4) = 4 per expert: drops
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = moe(x).numpy()
+    assert all(layer.last_stats.dropped_fraction > 0 for _, layer in moefx.moe_layers(moe))
+    assert np.abs(got - want).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the report, the file
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_json_and_table(tmp_path):
+    moe = moefx.convert(toy_model(GatedMLP), moefx.MoEConfig(num_experts=4, top_k=2), torch.randn(2, 6, 16))
+    report = export_onnx(moe, None, tmp_path / "toy.onnx", report_path=tmp_path / "report.json")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["summary"] == {"moe_layers": 2, "fused": 2, "unfused": 0, "nodes": sum(data["op_counts"].values())}
+    assert data["op_counts"]["com.microsoft::MoE"] == 2
+    assert data["file_bytes"] == (tmp_path / "toy.onnx").stat().st_size
+    assert [layer["name"] for layer in data["layers"]] == [name for name, _ in moefx.moe_layers(moe)]
+    assert data["layers"][0]["attributes"]["activation_type"] == "swiglu"
+    assert data["inputs"][0]["shape"][0] != 2 and data["inputs"][0]["shape"][1] != 6  # dynamic batch, sequence
+    text = report.render()
+    assert "2 of 2 MoE layer(s) fused" in text and "blocks.0.ffn" in text
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_external_data(tmp_path, monkeypatch):
+    import moefx.onnx.export as export_module
+
+    moe = moefx.convert(toy_model(GatedMLP), moefx.MoEConfig(num_experts=4, top_k=2), torch.randn(2, 6, 16))
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the weights were over 1.5 GiB
+    report = export_onnx(moe, None, tmp_path / "big.onnx")
+    assert report.data_path == str(tmp_path / "big.onnx.data") and (tmp_path / "big.onnx.data").exists()
+    assert report.file_bytes > (tmp_path / "big.onnx").stat().st_size
+    assert report.verification["max_abs_error"] <= 1e-4  # ONNX Runtime found the weights
+
+    # Re-exported small with force: the stale data file goes.
+    export_onnx(moe, None, tmp_path / "big.onnx", force=True, external_data=False)
+    assert not (tmp_path / "big.onnx.data").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one clear error, nothing written
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_moe():
+    return moefx.convert(toy_model(MLP, layers=1), moefx.MoEConfig(num_experts=2, top_k=1), torch.randn(2, 4, 16))
+
+
+def test_unconverted_model_is_an_error(tmp_path):
+    with pytest.raises(MoefxError, match="no MoE layers: convert it first"):
+        export_onnx(toy_model(MLP), torch.randn(2, 4, 16), tmp_path / "dense.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "parent-is-file", "read-only-fs", "is-a-directory"])
+def test_unwritable_output_is_an_error(tmp_path, small_moe, where):
+    (tmp_path / "file").write_text("")
+    path = {"missing-dir": tmp_path / "nope" / "m.onnx", "parent-is-file": tmp_path / "file" / "m.onnx",
+            "read-only-fs": Path("/proc/m.onnx"), "is-a-directory": tmp_path}[where]
+    with pytest.raises(MoefxError) as info:
+        export_onnx(small_moe, None, path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.slow
+def test_existing_output_needs_force(tmp_path, small_moe):
+    path = tmp_path / "m.onnx"
+    path.write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_onnx(small_moe, None, path)
+    assert path.read_text() == "old"
+    export_onnx(small_moe, None, path, force=True)
+    assert session(path).get_inputs()
+
+
+class _DataDependent(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.export cannot trace it
+            x = x * 2
+        return self.inner(x)
+
+
+@pytest.mark.slow
+def test_export_failure_leaves_existing_file_untouched(tmp_path, small_moe):
+    path = tmp_path / "m.onnx"
+    path.write_text("old")
+    with pytest.raises(OnnxExportError, match=r"torch\.onnx\.export failed") as info:
+        export_onnx(_DataDependent(small_moe), torch.randn(2, 4, 16), path, force=True)
+    assert "\n" not in str(info.value)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MOEFX_QUIET="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "moefx.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_saved_model(tmp_path):
+    moe = moefx.convert(tiny_hf_model("llama"), moefx.MoEConfig(num_experts=4, top_k=2, init="random"))
+    moefx.save(moe, tmp_path / "out")
+    onnx_path, report_path = tmp_path / "llama.onnx", tmp_path / "report.json"
+
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path), "--json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 MoE layer(s) fused" in result.stdout and "model.layers.0.mlp" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["summary"]["fused"] == 2 and report["op_counts"]["com.microsoft::MoE"] == 2
+    inputs = hf_inputs("llama", 3, 5, seed=4)
+    assert ort_vs_torch(onnx_path, moefx.load(tmp_path / "out"), inputs) <= 1e-4
+
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path))  # exists, no --force
+    assert result.returncode == 2 and "--force" in result.stderr and "Traceback" not in result.stderr
+
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path), "--unfused", "--force", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert_standard_domains_only(onnx.load(str(onnx_path)))
+
+
+@pytest.mark.slow
+def test_cli_rejects_an_unconverted_model(tmp_path):
+    tiny_hf_model("gpt2").save_pretrained(tmp_path / "dense")
+    result = run_cli("export", str(tmp_path / "dense"), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no MoE layers" in lines[0] and "moefx convert" in lines[0]
+    assert not (tmp_path / "m.onnx").exists()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -35,6 +36,8 @@ from .layers import MoELayer
 from .passes import FindFFNPass, PassManager, RewriteFFNPass
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
+from .routers import check_router_causality
+from .tasks import task_ids
 
 __all__ = ["Analysis", "FoundFFN", "NearMiss", "analyze", "aux_loss", "convert", "moe_layers"]
 
@@ -310,6 +313,7 @@ def convert(
     """
     start = time.perf_counter()
     config = config or MoEConfig()
+    check_router_causality(model, config)
     if not inplace:
         _strip_analysis_meta(model)
         model = copy.deepcopy(model)
@@ -493,7 +497,9 @@ def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, con
     was_training = model.training
     model.eval()
     try:
-        out = model(*inputs[0], **inputs[1])
+        # A task router needs task ids; task 0 is as good as any for this check.
+        with task_ids(0) if config.router == "task" else contextlib.nullcontext():
+            out = model(*inputs[0], **inputs[1])
     finally:
         model.train(was_training)
     dense = [t for t in pytree.tree_leaves(dense_output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -505,7 +511,7 @@ def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, con
         return {"compared": False}
     max_abs = float((a - b).abs().max())
     rel = max_abs / max(float(a.abs().max()), 1e-12)
-    exact_expected = config.init == "upcycle" and config.normalize_weights and config.capacity_factor is None \
+    exact_expected = config.router in ("topk", "task") and config.init == "upcycle" and config.normalize_weights and config.capacity_factor is None \
         and config.init_noise == 0
     return {"compared": True, "max_abs_error": max_abs, "relative_error": rel, "exact_expected": exact_expected,
             "exact": rel <= 1e-5}

@@ -323,6 +323,11 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Pa
     info = _info(model)
     out = Path(out)
     source = _source_dict(model, info)
+    if source.get("extracted_task") is not None:
+        raise MoefxError(
+            "a model made by moefx.extract_task cannot be rebuilt from its recipe; save the full task model "
+            "with moefx.save and extract again after loading, or export the extracted model with export_onnx"
+        )
     with atomic_output_dir(out, force=force) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         extra_files = []

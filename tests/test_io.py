@@ -6,11 +6,12 @@ import hashlib
 
 import pytest
 import torch
-from toy_models import MLP, Block, GatedMLP, Stack
 
 import moefx
 from moefx.errors import ModelLoadError, OutputExistsError
 from moefx.io import atomic_output_dir
+
+from toy_models import MLP, Block, GatedMLP, Stack
 
 
 def _model():
@@ -49,9 +50,8 @@ def test_atomic_output_dir_keeps_existing_output_on_failure(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
-    with pytest.raises(OutputExistsError):
-        with atomic_output_dir(out):
-            pass
+    with pytest.raises(OutputExistsError), atomic_output_dir(out):
+        pass
     with pytest.raises(RuntimeError), atomic_output_dir(out, force=True) as tmp:
         (tmp / "half").write_text("half-written")
         raise RuntimeError("disk full")
@@ -66,5 +66,5 @@ def test_load_rejects_weights_of_another_model(tmp_path):
     moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=2), example_inputs=(torch.randn(1, 2, 16),))
     moefx.save(moe, tmp_path / "out")
     other = Stack([Block(MLP(h=24)), Block(GatedMLP())])
-    with pytest.raises(ModelLoadError, match="does not fit the rebuilt model|differ"):
+    with pytest.raises(ModelLoadError, match="does not fit the rebuilt model"):
         moefx.load(tmp_path / "out", model=other)

@@ -20,6 +20,8 @@ _EXAMPLES = """examples:
   moefx convert model_dir/ --top-k 1 --capacity-factor 1.25 --every 2 -o out/     Switch-style
   moefx convert program.pt2 --init random --expert-size 256 -o out/ --force
   moefx convert my_pkg.models:build --last 4 -o out/                               V-MoE style
+  moefx convert vit_dir/ --router soft -o out/                                     Soft MoE
+  moefx convert t5_dir/ --router task --num-tasks 3 -o out/                        Task-MoE
 """
 
 #: MoEConfig field -> the flag that sets it (used to phrase config errors in CLI terms).
@@ -29,6 +31,10 @@ FIELD_FLAGS = {
     "expert_size": "--expert-size", "load_balance_weight": "--load-balance-weight",
     "z_loss_weight": "--z-loss-weight", "router": "--router", "init": "--init", "seed": "--seed",
     "every": "--every", "last": "--last", "layers": "--layers", "exclude": "--exclude",
+    "num_tasks": "--num-tasks", "slots_per_expert": "--slots-per-expert",
+    "max_slots_per_expert": "--max-slots-per-expert", "local_entropy_weight": "--local-entropy-weight",
+    "global_entropy_weight": "--global-entropy-weight", "global_entropy_threshold": "--global-entropy-threshold",
+    "allow_noncausal": "--allow-noncausal",
 }
 
 
@@ -67,8 +73,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="expert capacity ceil(tokens*CF/E); tokens over it are dropped (default: dropless)")
     routing.add_argument("--no-normalize", action="store_true",
                          help="weight experts by raw softmax gates instead of renormalised top-k")
-    routing.add_argument("--load-balance-weight", type=float, default=0.01, metavar="W")
-    routing.add_argument("--z-loss-weight", type=float, default=0.0, metavar="W")
+    routing.add_argument("--slots-per-expert", type=int, default=None, metavar="P",
+                         help="soft: slots per expert (default: from the sequence length)")
+    routing.add_argument("--max-slots-per-expert", type=int, default=64, metavar="P",
+                         help="soft: size of the learned slot bank per expert (default 64)")
+    routing.add_argument("--num-tasks", type=int, default=None, metavar="T", help="task: number of task ids")
+    routing.add_argument("--allow-noncausal", action="store_true",
+                         help="allow soft / expert-choice routing in a causal decoder (it mixes future tokens in)")
+    losses = parser.add_argument_group("auxiliary losses (moefx.aux_loss)")
+    losses.add_argument("--load-balance-weight", type=float, default=0.01, metavar="W", help="Switch load balancing")
+    losses.add_argument("--z-loss-weight", type=float, default=0.0, metavar="W", help="ST-MoE router z-loss")
+    losses.add_argument("--local-entropy-weight", type=float, default=0.0, metavar="W",
+                        help="LIMoE local (per-token) routing entropy, minimised")
+    losses.add_argument("--global-entropy-weight", type=float, default=0.0, metavar="W",
+                        help="LIMoE global routing entropy, maximised")
+    losses.add_argument("--global-entropy-threshold", type=float, default=None, metavar="NATS",
+                        help="LIMoE threshold: stop pushing global entropy above it")
     experts = parser.add_argument_group("experts")
     experts.add_argument("--init", default="upcycle", help=f"expert init: {', '.join(EXPERT_INITS)} (default upcycle)")
     experts.add_argument("--init-noise", type=float, default=0.0, metavar="STD",
@@ -91,6 +111,13 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
             normalize_weights=not getattr(args, "no_normalize", False),
             load_balance_weight=getattr(args, "load_balance_weight", 0.01),
             z_loss_weight=getattr(args, "z_loss_weight", 0.0),
+            local_entropy_weight=getattr(args, "local_entropy_weight", 0.0),
+            global_entropy_weight=getattr(args, "global_entropy_weight", 0.0),
+            global_entropy_threshold=getattr(args, "global_entropy_threshold", None),
+            slots_per_expert=getattr(args, "slots_per_expert", None),
+            max_slots_per_expert=getattr(args, "max_slots_per_expert", 64),
+            num_tasks=getattr(args, "num_tasks", None),
+            allow_noncausal=getattr(args, "allow_noncausal", False),
             init=getattr(args, "init", "upcycle"),
             init_noise=getattr(args, "init_noise", 0.0),
             expert_size=getattr(args, "expert_size", None),
@@ -105,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
 
 
 def _in_flag_terms(message: str) -> str:
+    message = message.replace("allow_noncausal=True", "allow_noncausal")
     fields = "|".join(sorted(FIELD_FLAGS, key=len, reverse=True))
     return re.sub(rf"\b({fields})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
 
@@ -125,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
     source = load_source(args.model, trust_remote_code=args.trust_remote_code)
     inputs = source.example_inputs or (None, None)
-    model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
-                          source=source.to_dict())
+    try:
+        model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
+                              source=source.to_dict())
+    except ConfigError as exc:
+        raise ConfigError(_in_flag_terms(str(exc))) from None
     moefx.save(model, out, force=args.force)
     report = model.moefx_info.report()
     if args.json:

@@ -151,7 +151,7 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
         # A program (e.g. a loaded .pt2): already one ATen graph, rewritten in place.
         attempt = CaptureAttempt("", "fx.GraphModule", model)
         analysis.attempts[""] = attempt
-        _collect_matches(analysis, model, "", attempt, set(), {})
+        _collect_matches(model, analysis, model, "", attempt, set(), {})
         _finish(analysis, config, start)
         return analysis
     if inputs is not None:
@@ -162,7 +162,7 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
         containers = sorted({container_of(model, [u, d]) for u, d in pairs}, key=lambda n: -len(n.split(".")))
     else:
         containers = _containers(model, {n: None for n in projections})
-    claimed: set[str] = set()
+    claimed: set[int] = set()  # identities of projections already in an FFN (a shared module has many names)
     module_order = _element_order(model)
     # Then every other module holding two or more projections, with symbolic_trace only (cheap): finds FFNs
     # built from functional projections, which leave no trace in the sample pass.
@@ -170,7 +170,7 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
     with progress(total=len(containers) + len(sweep), desc="capturing", unit="module") as bar:
         for name in containers + sweep:
             bar.update(1)
-            inside = {p for p in projections if _is_inside(p, name)}
+            inside = {_identity(model, p) for p in projections if _is_inside(p, name)}
             if inside and inside <= claimed:
                 continue
             attempt = capture_container(model, name, analysis.record if name in containers else None)
@@ -186,19 +186,27 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
                         f"holds an FFN but no tracer could capture {type(mod).__name__}: {reasons}",
                     ))
                 continue
-            _collect_matches(analysis, attempt.graph_module, name, attempt, claimed, module_order)
+            _collect_matches(model, analysis, attempt.graph_module, name, attempt, claimed, module_order)
     _finish(analysis, config, start)
     return analysis
 
 
-def _collect_matches(analysis: Analysis, gm: fx.GraphModule, name: str, attempt: CaptureAttempt,
-                     claimed: set[str], module_order: dict[str, int]) -> None:
+def _identity(model: nn.Module, path: str) -> int:
+    """The identity of the module or parameter at ``path`` (shared modules are one FFN, not several)."""
+    owner, _, leaf = path.rpartition(".")
+    module = model.get_submodule(owner)
+    return id(module._parameters[leaf]) if leaf in module._parameters else id(module.get_submodule(leaf))
+
+
+def _collect_matches(model: nn.Module, analysis: Analysis, gm: fx.GraphModule, name: str,
+                     attempt: CaptureAttempt, claimed: set[int], module_order: dict[str, int]) -> None:
     PassManager([FindFFNPass()])(gm)
     for i, match in enumerate(gm.meta["moefx.ffn_matches"]):
         modules = [_join(name, m) for m in match.modules]
-        if set(modules) & claimed:
+        identities = {_identity(model, m) for m in modules}
+        if identities & claimed:
             continue
-        claimed |= set(modules)
+        claimed |= identities
         position = min((module_order.get(m, math.inf) for m in modules), default=math.inf)
         if position == math.inf:  # a graph without modules: order of appearance
             position = len(module_order) + i
@@ -270,12 +278,14 @@ class ConversionInfo:
     verification: dict[str, Any] | None
     seconds: float
     source: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "layers": self.layers,
             "not_selected": self.skipped,
+            "warnings": self.warnings,
             "near_misses": [n.to_dict() for n in self.near_misses],
             "verification": self.verification,
             "seconds": round(self.seconds, 3),
@@ -328,6 +338,9 @@ def convert(
             f"exclude={config.exclude!r}) matched none of the {len(analysis.ffns)} FFNs "
             f"({', '.join(f.name or '(root)' for f in analysis.ffns[:4])}{', ...' if len(analysis.ffns) > 4 else ''})"
         )
+    warnings = _non_finite_weights(chosen)
+    for warning in warnings:
+        log.warning("moefx: warning: %s", warning)
     index_of = {id(f): i for i, f in enumerate(analysis.ffns)}
     by_container: dict[str, list[FoundFFN]] = {}
     for ffn in chosen:
@@ -355,9 +368,25 @@ def convert(
         verification=verification,
         seconds=time.perf_counter() - start,
         source=dict(source or {}),
+        warnings=warnings,
     )
     object.__setattr__(model, "moefx_info", info)
     return model
+
+
+def _non_finite_weights(ffns: list[FoundFFN]) -> list[str]:
+    """One warning per FFN whose dense weights hold NaN or Inf (converted as they are, and reported)."""
+    warnings = []
+    for ffn in ffns:
+        m = ffn.match
+        tensors = {"up": m.up_weight, "up bias": m.up_bias, "gate/up": m.gate_up_weight,
+                   "gate/up bias": m.gate_up_bias, "down": m.down_weight, "down bias": m.down_bias}
+        bad = [f"{name} ({int((~torch.isfinite(t)).sum())} values)" for name, t in tensors.items()
+               if t is not None and not bool(torch.isfinite(t).all())]
+        if bad:
+            warnings.append(f"{ffn.name or '(root)'}: non-finite weights in {', '.join(bad)}; its experts "
+                            "inherit them (check the checkpoint)")
+    return warnings
 
 
 def _disable_nested_tensor_fast_path(encoder: nn.Module) -> None:
@@ -438,8 +467,11 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
         })
     if not container:
         return replacement
-    parent_name, _, child = container.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, replacement)
+    # Every parent that holds the module (a shared module has several) now holds the replacement.
+    for parent in model.modules():
+        for child, module in list(parent._modules.items()):
+            if module is original:
+                setattr(parent, child, replacement)
     return None
 
 

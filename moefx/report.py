@@ -51,6 +51,7 @@ def render_conversion_text(report: dict[str, Any]) -> str:
         out.append(f"check on the example inputs: max relative error {v['relative_error']:.2e} vs dense ({verdict})")
     if report.get("not_selected"):
         out.append(f"left dense by the layer selection: {len(report['not_selected'])}")
+    out += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(out)
 
 
@@ -68,6 +69,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Max relative error against the dense model on the example inputs: {v['relative_error']:.2e}."]
     if report.get("not_selected"):
         lines += ["", "Left dense by the layer selection: " + ", ".join(f"`{n}`" for n in report["not_selected"])]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     if report.get("near_misses"):
         lines += ["", "## Near-misses", ""]
         lines += [f"- `{m['where']}`: {m['reason']}" for m in report["near_misses"]]

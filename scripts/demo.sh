@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run moefx on the bundled example model (a small LLaMA in
-# examples/models/tiny-llama): inspect it, convert its FFNs to top-2-of-8 MoE layers, and check the result.
+# examples/models/tiny-llama): inspect it, convert its FFNs to top-2-of-8 MoE layers, and export it to ONNX
+# with one fused com.microsoft.MoE node per layer (checked against torch in ONNX Runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,3 +13,4 @@ set -x
 $MOEFX inspect examples/models/tiny-llama
 $MOEFX convert examples/models/tiny-llama --experts 8 --top-k 2 -o "$OUT" --force
 $MOEFX inspect "$OUT"
+$MOEFX export "$OUT" -o "$OUT.onnx" --force

@@ -7,6 +7,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis profiles: the default keeps CI fast; `pytest --hypothesis-profile thorough` runs hundreds.
+settings.register_profile("ci", max_examples=25)
+settings.register_profile("thorough", max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MOEFX_QUIET", "1")

@@ -160,3 +160,53 @@ def test_version_and_help():
     assert result.returncode == 0 and moefx.__version__ in result.stdout
     result = run_cli("convert", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout and "--capacity-factor" in result.stdout
+
+
+def test_nan_weights_warn_convert_and_report(tmp_path, capsys):
+    assert main(["convert", "toy_models:nan_weights", "-o", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "blocks.1.ffn: non-finite weights in up (1 values)" in captured.out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["warnings"] and "blocks.1.ffn" in report["warnings"][0]
+
+
+def test_corrupt_hf_config_and_truncated_weights(tmp_path, hf_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert_clean_error(run_cli("convert", str(broken)), "config.json", "not valid JSON")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((hf_dir / "config.json").read_text())
+    (truncated / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes()[:100])
+    assert_clean_error(run_cli("convert", str(truncated), "-o", str(tmp_path / "o")), "truncated",
+                       "could not load")
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_byte_and_truncated_programs(tmp_path):
+    (tmp_path / "empty.pt2").write_bytes(b"")
+    assert_clean_error(run_cli("convert", str(tmp_path / "empty.pt2")), "empty.pt2", "not a valid")
+    model, inputs = __import__("toy_models").stack_of_mlps()
+    torch.export.save(torch.export.export(model, inputs), tmp_path / "full.pt2")
+    (tmp_path / "cut.pt2").write_bytes((tmp_path / "full.pt2").read_bytes()[:2000])
+    assert_clean_error(run_cli("convert", str(tmp_path / "cut.pt2")), "cut.pt2", "not a valid")
+
+
+def test_unwritable_output_and_disk_full(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a file, not a directory")
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "file/out" in err and "choose a writable output path" in err
+
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(tmp_path / "out")]) == 2
+    assert "(No space left on device); nothing was changed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

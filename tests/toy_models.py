@@ -121,3 +121,10 @@ def untraceable():
 
 def reused_hidden():
     return Stack([Block(ReusedHidden())]).eval(), (torch.randn(2, 5, 16),)
+
+
+def nan_weights():
+    model, inputs = stack_of_mlps()
+    with torch.no_grad():
+        model.blocks[1].ffn.fc1.weight[0, 0] = float("nan")
+    return model, inputs

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from moefx.config import EXPERT_INITS, ROUTERS, MoEConfig
-from moefx.errors import ConfigError, OutputExistsError
+from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
 
@@ -142,6 +143,13 @@ def default_output(model: str) -> Path:
     return Path(f"{stem or 'model'}-moe")
 
 
+def check_output_parent(out: Path) -> None:
+    """Fail before any expensive work if ``out`` cannot be created."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MoefxError(f"{out}: cannot write to {parent} (not a writable directory); choose a writable output path")
+
+
 def run(args: argparse.Namespace) -> int:
     import moefx
     from moefx.io import load_source
@@ -151,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or default_output(args.model)
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+    check_output_parent(out)
     source = load_source(args.model, trust_remote_code=args.trust_remote_code)
     inputs = source.example_inputs or (None, None)
     try:

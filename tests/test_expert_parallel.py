@@ -1,0 +1,153 @@
+"""Expert-parallel execution on several CPU processes (gloo on 127.0.0.1): parity, failures, bad partitions.
+
+Each test starts its processes in their own session and kills the whole group in ``finally``, so a failing
+test never leaves workers behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import moefx
+from moefx.placement.errors import PlanMismatchError, ShardError
+from moefx.placement.planner import model_fingerprint, plan_placement
+from moefx.placement.shards import load_rank_model, write_partition
+from moefx.placement.stats import calibration_batches, record_stats
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+FACTORY = "toy_models:stack_of_mlps"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MOEFX_QUIET="1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _converted(tmp: Path, router: str, devices: int) -> tuple[Path, Path]:
+    """A converted toy model saved to tmp/out and its partition for ``devices`` ranks in tmp/plan."""
+    sys.path.insert(0, str(TESTS))
+    from toy_models import stack_of_mlps
+
+    model, _ = stack_of_mlps()
+    torch.manual_seed(1)
+    inputs = (torch.randn(4, 6, 16),)
+    config = moefx.MoEConfig(router=router, num_experts=8, top_k=2, init="random", seed=3)
+    moe = moefx.convert(model, config, inputs, source={"kind": "factory", "spec": FACTORY, "class": "toy_models:Stack"})
+    out, plan_dir = tmp / "out", tmp / "plan"
+    moefx.save(moe, out)
+    stats = record_stats(moe, calibration_batches(moe, None))
+    plan = plan_placement(stats, devices, fingerprint=model_fingerprint(moe))
+    write_partition(moe, plan, plan_dir, stats=stats, picture=False)
+    return out, plan_dir
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("router", "nproc"), [("topk", 2), ("topk", 4), ("soft", 2), ("soft", 4)])
+def test_torchrun_matches_single_process(tmp_path, router, nproc):
+    out, plan_dir = _converted(tmp_path, router, nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "moefx.run", str(plan_dir), "--reference", str(out), "--atol", "1e-5", "--timeout", "30"]
+    result = _run(cmd, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"max \|expert-parallel - single-process\| = (\S+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1e-5
+    assert f"{nproc} ranks, output (4, 6, 16)" in result.stdout
+
+
+_FAULT_WORKER = textwrap.dedent("""
+    import os, sys, time, torch
+    from moefx.errors import MoefxError
+    from moefx.placement.runtime import init_expert_parallel
+    from moefx.placement.shards import load_rank_model
+    try:
+        rank, world = init_expert_parallel(timeout=5.0)
+        model = load_rank_model(sys.argv[1], rank, world)
+        if rank == 1:
+            if sys.argv[2] == "die":
+                os._exit(3)
+            time.sleep(600)
+        with torch.no_grad():
+            model(torch.randn(2, 6, 16))
+        print("finished")
+    except MoefxError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(exc.exit_code)
+""")
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_peer_failure_is_a_bounded_clear_error(tmp_path, fault):
+    _, plan_dir = _converted(tmp_path, "topk", 2)
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FAULT_WORKER)
+    port = str(_free_port())
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            procs.append(subprocess.Popen([sys.executable, str(worker), str(plan_dir), fault], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=40)
+        elapsed = time.monotonic() - start
+    finally:
+        for proc in procs:
+            _kill_group(proc)
+    assert procs[0].returncode == 1, err
+    assert "ExpertParallelError: rank 0:" in err and "MoE layer blocks.0.ffn failed" in err, err
+    assert elapsed < 40
+
+
+def test_bad_partitions_are_clear_errors(tmp_path):
+    _out, plan_dir = _converted(tmp_path, "topk", 2)
+    with pytest.raises(PlanMismatchError, match="plan is for 2 devices but 4 ranks"):
+        load_rank_model(plan_dir, 0, 4)
+    (plan_dir / "rank-00001-of-00002.safetensors").unlink()
+    with pytest.raises(ShardError, match=r"missing shard file\(s\) rank-00001-of-00002.safetensors"):
+        load_rank_model(plan_dir, 0, 2)
+    # torchrun on the damaged directory: every rank fails fast with the same one-line error.
+    cmd = [sys.executable, "-m", "moefx.run", str(plan_dir)]
+    result = _run(cmd, timeout=60)
+    assert result.returncode == 2
+    assert "missing shard file(s)" in result.stderr

@@ -39,7 +39,17 @@ from .capture import quiet_torch_export
 from .config import MoEConfig
 from .errors import ModelLoadError, MoefxError, OutputExistsError, UnsafeFileError
 
-__all__ = ["RECIPE_VERSION", "ModelSource", "atomic_output_dir", "load", "load_source", "read_recipe", "save"]
+__all__ = [
+    "RECIPE_VERSION",
+    "ModelSource",
+    "atomic_output_dir",
+    "load",
+    "load_source",
+    "read_example_inputs",
+    "read_recipe",
+    "rebuild_source",
+    "save",
+]
 
 RECIPE_VERSION = 1
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -301,7 +311,8 @@ def _write_inputs(inputs: tuple[tuple, dict] | None, tmp: Path) -> dict[str, Any
             "num_leaves": len(leaves)}
 
 
-def _read_inputs(out: Path, meta: dict[str, Any] | None) -> tuple[tuple, dict] | None:
+def read_example_inputs(out: Path, meta: dict[str, Any] | None) -> tuple[tuple, dict] | None:
+    """The example inputs saved in ``out`` (``meta`` is the recipe's ``example_inputs`` entry)."""
     if not meta:
         return None
     from safetensors.torch import load_file
@@ -387,8 +398,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
     out = Path(out)
     recipe = read_recipe(out)
     config = MoEConfig.from_dict(recipe["config"])
-    inputs = _read_inputs(out, recipe.get("example_inputs"))
-    dense = model if model is not None else _rebuild_source(out, recipe["source"], trust_remote_code)
+    inputs = read_example_inputs(out, recipe.get("example_inputs"))
+    dense = model if model is not None else rebuild_source(out, recipe["source"], trust_remote_code)
     converted = convert(dense, config, *(() if inputs is None else (inputs[0],)),
                         example_kwargs=None if inputs is None else inputs[1],
                         inplace=True, verify=False, initialize=False)
@@ -416,7 +427,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
     return converted
 
 
-def _rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+def rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    """The dense model a recipe's ``source`` describes (weights as built, not the saved ones)."""
     kind = source.get("kind")
     if kind == "hf":
         from transformers import AutoConfig

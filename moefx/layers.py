@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _python_dispatch
 
 from . import ops
 from .activations import ACTIVATIONS
-from .routers import Router, Routing, RoutingStats
+from .routers import Router, Routing, RoutingStats, _tracing
 
 __all__ = ["ExpertBank", "MoELayer", "routing_stats"]
 
@@ -146,6 +147,13 @@ class MoELayer(nn.Module):
         activation = self.experts.activation
         if self.training and self.hidden_dropout > 0:
             return _moe_ffn_with_dropout(tokens, routing, self.experts, self.hidden_dropout)
+        if _plain_inference(tokens, routing.combine_weight, self.experts):
+            # Eager inference: the kernel itself, on the assignment the router already made (for a dropless
+            # top-k router it is exactly the op's own softmax top-k), without the dispatcher round trip.
+            return ops.moe_ffn_kernel(
+                tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype),
+                w1, b1, w3, b3, w2, b2, activation,
+            )
         if routing.dropless_topk:
             return ops.topk_moe(
                 tokens, routing.logits, w1, b1, w3, b3, w2, b2,
@@ -175,6 +183,21 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}" + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
+
+
+def _plain_inference(tokens: torch.Tensor, combine_weight: torch.Tensor, experts: ExpertBank) -> bool:
+    """True when nothing observes the dispatch: no autograd, tracer, export, compile or dispatch mode.
+
+    Then the layer may call the eager kernel directly; otherwise it calls the custom op, so that graphs keep
+    one node per layer, FLOP counters see the op and backward recomputes instead of storing activations.
+    """
+    if type(tokens) is not torch.Tensor:  # FX proxies, fake and functional tensors, tensor subclasses
+        return False
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (tokens, combine_weight, *experts.weights())
+    ):
+        return False
+    return not _tracing() and _python_dispatch._get_current_dispatch_mode() is None
 
 
 def _moe_ffn_with_dropout(tokens: torch.Tensor, routing: Routing, experts: ExpertBank, p: float) -> torch.Tensor:

@@ -42,6 +42,7 @@ the slot logits. The LIMoE losses are computed per modality when the forward run
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,22 +155,45 @@ class Router(nn.Module):
         self.global_entropy_weight = config.global_entropy_weight
         self.global_entropy_threshold = config.global_entropy_threshold
         self.last_aux: dict[str, torch.Tensor] = {}
-        self.last_stats: RoutingStats | None = None
+        self._last_stats: RoutingStats | None = None
+        self._pending_stats: tuple | None = None
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """:class:`RoutingStats` of the last forward pass (None before one), summarised when first read."""
+        if self._pending_stats is not None:
+            pending, self._pending_stats = self._pending_stats, None
+            self._last_stats = self._summarise(*pending)
+        return self._last_stats
+
+    @last_stats.setter
+    def last_stats(self, stats: RoutingStats | None) -> None:
+        self._pending_stats = None
+        self._last_stats = stats
 
     def __getstate__(self) -> dict[str, Any]:
         # The last forward's losses are part of its autograd graph: copies and pickles start without them
-        # (copy.deepcopy refuses non-leaf tensors).
+        # (copy.deepcopy refuses non-leaf tensors); the statistics are detached and kept.
+        self.last_stats  # noqa: B018 - summarise pending statistics before copying
         state = self.__dict__.copy()
         state["last_aux"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "last_stats" in state:  # pickled before the statistics became lazy
+            state["_last_stats"] = state.pop("last_stats")
+        state.setdefault("_last_stats", None)
+        state.setdefault("_pending_stats", None)
+        super().__setstate__(state)
 
     # -- shared bookkeeping ------------------------------------------------------------------------------
     def _finish(
         self,
         logits: torch.Tensor,
-        log_probs: torch.Tensor,
-        token_load: torch.Tensor,
-        token_dropped: torch.Tensor,
+        log_probs: _Lazy,
+        token_load: _Lazy,
+        token_dropped: _Lazy,
         first_choice: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """Aux losses (returned and kept in ``last_aux``) and statistics (``last_stats``) of one forward.
@@ -181,13 +205,37 @@ class Router(nn.Module):
             token_dropped: fraction of each token's routing that was dropped ``[T]``.
             first_choice: each token's first-choice expert ``[T]``, before any capacity limit, for the
                 Switch loss; None for routers that are balanced by construction.
+
+        ``log_probs``, ``token_load`` and ``token_dropped`` may be zero-argument callables that compute the
+        tensor: nothing is computed for the statistics until ``last_stats`` is read, nor, in eval mode, for
+        the losses until ``last_aux`` is read (an inference forward pays only for routing itself). In
+        training the losses are computed here, as part of the forward.
         """
         if _tracing():
             return {}
         modality = _modality_ids(logits.shape[0], logits.device)
-        aux = self._aux_losses(logits, log_probs, first_choice, modality)
-        self._record(log_probs, token_load, token_dropped, modality, aux)
+        if self.training:
+            log_probs = _resolve(log_probs)
+            aux = self._aux_losses(logits, log_probs, first_choice, modality)
+        else:
+            grad = torch.is_grad_enabled()
+
+            def losses() -> dict[str, torch.Tensor]:
+                with torch.set_grad_enabled(grad):
+                    return self._aux_losses(logits, _resolve(log_probs), first_choice, modality)
+
+            aux = _DeferredLosses(losses) if self._has_losses(first_choice) else {}
+        self._pending_stats = (log_probs, token_load, token_dropped, modality, logits.shape[0])
+        self.last_aux = aux
         return aux
+
+    def _has_losses(self, first_choice: torch.Tensor | None) -> bool:
+        return (
+            (self.load_balance_weight > 0 and first_choice is not None)
+            or self.z_loss_weight > 0
+            or self.local_entropy_weight > 0
+            or self.global_entropy_weight > 0
+        )
 
     def _aux_losses(
         self,
@@ -220,18 +268,19 @@ class Router(nn.Module):
                 aux["global_entropy"] = self.global_entropy_weight * torch.stack(glob).mean()
         return aux
 
-    def _record(
+    @torch.no_grad()
+    def _summarise(
         self,
-        log_probs: torch.Tensor,
-        token_load: torch.Tensor,
-        token_dropped: torch.Tensor,
+        log_probs: _Lazy,
+        token_load: _Lazy,
+        token_dropped: _Lazy,
         modality: torch.Tensor | None,
-        aux: dict[str, torch.Tensor],
-    ) -> None:
-        log_probs = log_probs.detach().float()
+        num_tokens: int,
+    ) -> RoutingStats:
+        log_probs = _resolve(log_probs).detach().float()
         token_entropy = -(log_probs.exp() * log_probs).sum(-1)  # [T]
-        token_load = token_load.detach().float()
-        token_dropped = token_dropped.detach().float()
+        token_load = _resolve(token_load).detach().float()
+        token_dropped = _resolve(token_dropped).detach().float()
         per_modality: dict[int, dict[str, Any]] = {}
         if modality is not None:
             for m in torch.unique(modality).tolist():
@@ -244,15 +293,87 @@ class Router(nn.Module):
                     "routing_success_rate": 1.0 - dropped,
                     "entropy": float(token_entropy[sel].mean()),
                 }
-        self.last_stats = RoutingStats(
-            tokens=int(log_probs.shape[0]),
+        return RoutingStats(
+            tokens=int(num_tokens),
             load=token_load.sum(0).cpu(),
             dropped_fraction=float(token_dropped.mean()) if token_dropped.numel() else 0.0,
             entropy=float(token_entropy.mean()) if token_entropy.numel() else 0.0,
             router=self.name,
             modalities=per_modality,
         )
-        self.last_aux = aux
+
+
+#: A tensor, or a zero-argument callable that computes it when (and if) it is needed.
+_Lazy = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _resolve(value: _Lazy) -> torch.Tensor:
+    return value() if callable(value) else value
+
+
+class _DeferredLosses(dict):
+    """The aux losses of an eval-mode forward: a dict that computes its entries when first read."""
+
+    __slots__ = ("_compute",)
+
+    def __init__(self, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self._compute: Callable[[], dict[str, torch.Tensor]] | None = compute
+
+    def _fill(self) -> None:
+        compute, self._compute = self._compute, None
+        if compute is not None:
+            super().update(compute())
+
+    def __getitem__(self, key):
+        self._fill()
+        return super().__getitem__(key)
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def __contains__(self, key) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __eq__(self, other) -> bool:
+        self._fill()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._fill()
+        return super().__repr__()
+
+    def __reduce__(self):
+        self._fill()
+        return (dict, (dict(super().items()),))
+
+    def get(self, key, default=None):
+        self._fill()
+        return super().get(key, default)
+
+    def keys(self):
+        self._fill()
+        return super().keys()
+
+    def values(self):
+        self._fill()
+        return super().values()
+
+    def items(self):
+        self._fill()
+        return super().items()
+
+    def copy(self) -> dict[str, torch.Tensor]:
+        self._fill()
+        return dict(super().items())
 
 
 def _modality_ids(num_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -321,9 +442,9 @@ class TopKRouter(Router):
             )
         aux = self._finish(
             logits,
-            torch.log_softmax(logits, dim=-1),
-            _assignment_load(index, self.num_experts),
-            (index < 0).float().mean(-1),
+            lambda: torch.log_softmax(logits, dim=-1),
+            lambda: _assignment_load(index, self.num_experts),
+            lambda: (index < 0).float().mean(-1),
             first_choice,
         )
         return Routing(logits, index, weight, dropless_topk=dropless, aux=aux)
@@ -422,7 +543,7 @@ class ExpertChoiceRouter(Router):
         experts = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
         index = torch.where(taken, experts, torch.full_like(experts, -1))  # [T, E]
         weight = torch.where(taken, probs, torch.zeros_like(probs))  # [T, E]
-        aux = self._finish(logits, log_probs, taken.float(), (~taken.any(-1)).float(), None)
+        aux = self._finish(logits, log_probs, taken.float, lambda: (~taken.any(-1)).float(), None)
         return Routing(logits, index, weight, aux=aux)
 
     def extra_repr(self) -> str:
@@ -480,8 +601,10 @@ class SoftMoERouter(Router):
         combine = torch.softmax(logits, dim=2)  # over all slots
         flat = logits.reshape(num_tokens, n * p)  # [T, n*p]
         # Each token's routing distribution over experts: its combine mass on each expert's slots.
-        log_probs = torch.logsumexp(flat.reshape(num_tokens, n, p), dim=-1) - torch.logsumexp(flat, -1, keepdim=True)
-        aux = self._finish(flat, log_probs, log_probs.exp(), flat.new_zeros(num_tokens), None)
+        def log_probs() -> torch.Tensor:  # [T, E]
+            return torch.logsumexp(flat.reshape(num_tokens, n, p), dim=-1) - torch.logsumexp(flat, -1, keepdim=True)
+
+        aux = self._finish(flat, log_probs, lambda: log_probs().exp(), lambda: flat.new_zeros(num_tokens), None)
         return Routing(flat, aux=aux, dispatch=dispatch, combine=combine, slots_per_expert=p)
 
     def extra_repr(self) -> str:
@@ -553,9 +676,9 @@ class TaskRouter(Router):
         index, weight = route_topk(logits, self.top_k, self.normalize_weights)  # [T, k]
         aux = self._finish(
             logits,
-            torch.log_softmax(logits, dim=-1),
-            _assignment_load(index, self.num_experts),
-            logits.new_zeros(x.shape[0]),
+            lambda: torch.log_softmax(logits, dim=-1),
+            lambda: _assignment_load(index, self.num_experts),
+            lambda: logits.new_zeros(x.shape[0]),
             index[:, 0],
         )
         return Routing(logits, index, weight, dropless_topk=True, aux=aux)
@@ -584,7 +707,11 @@ class StaticRouter(Router):
         weight = self.expert_weight.expand(num_tokens, k)
         logits = torch.log(weight.clamp_min(1e-20))
         aux = self._finish(
-            logits, torch.log_softmax(logits, dim=-1), _assignment_load(index, k), logits.new_zeros(num_tokens), None
+            logits,
+            lambda: torch.log_softmax(logits, dim=-1),
+            lambda: _assignment_load(index, k),
+            lambda: logits.new_zeros(num_tokens),
+            None,
         )
         return Routing(logits, index, weight, aux=aux)
 

@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": ".convert",
     "inspect": ".inspect",
     "export": ".export",
+    "partition": ".partition",
+    "bench": ".bench",
 }
 
 _EPILOG = """examples:

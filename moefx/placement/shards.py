@@ -138,22 +138,22 @@ def check_partition(out: str | os.PathLike, world_size: int | None = None) -> tu
 
 def read_example_inputs(out: str | os.PathLike) -> tuple[tuple, dict] | None:
     """The example inputs recorded at conversion (copied into the partition directory)."""
-    from moefx.io import _read_inputs, read_recipe
+    from moefx.io import read_example_inputs, read_recipe
 
     out = Path(out)
-    return _read_inputs(out, read_recipe(out).get("example_inputs"))
+    return read_example_inputs(out, read_recipe(out).get("example_inputs"))
 
 
 def _rebuild(out: Path, trust_remote_code: bool) -> nn.Module:
     """The converted architecture with uninitialised experts (``moefx.load`` without the weights)."""
     from moefx.config import MoEConfig
     from moefx.convert import convert
-    from moefx.io import _rebuild_source, read_recipe
+    from moefx.io import read_recipe, rebuild_source
 
     recipe = read_recipe(out)
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out)
-    dense = _rebuild_source(out, recipe["source"], trust_remote_code)
+    dense = rebuild_source(out, recipe["source"], trust_remote_code)
     return convert(dense, config, *(() if inputs is None else (inputs[0],)),
                    example_kwargs=None if inputs is None else inputs[1],
                    inplace=True, verify=False, initialize=False)

@@ -1,0 +1,237 @@
+"""Parameter and FLOP counts, read from what a model actually executes (torch) or from its graph (ONNX).
+
+Torch models: one forward pass under :class:`torch.utils.flop_counter.FlopCounterMode`. Every matrix product
+is counted from its real operand shapes (``2 * M * N * K``, as PyTorch's own counter does; elementwise ops,
+softmax and normalisation are not counted). moefx's dispatch ops are counted from their real arguments: the
+number of token-expert assignments the call computed (``T * k`` for ``moefx::topk_moe``; the kept entries of
+``expert_index`` for ``moefx::moe_ffn``) times one expert's FLOPs. The same pass records, per MoE layer, the
+tokens it saw and the assignments it ran, which gives the active parameters per token.
+
+ONNX files: ``MatMul``, ``Gemm``, ``Conv`` and ``com.microsoft.MoE`` (``tokens * k`` assignments) nodes,
+counted from their operand shapes in one ONNX Runtime run (every operand exposed as an output).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelCost", "count_onnx", "count_torch", "expert_flops"]
+
+
+@dataclass
+class ModelCost:
+    """What one forward pass of a model costs, per token.
+
+    ``params``: all parameters. ``active_params_per_token``: parameters a token touches: everything outside
+    the MoE experts plus, per MoE layer, (assignments / tokens) experts' worth of expert parameters.
+    ``flops_per_token``: counted FLOPs of the pass / tokens; ``ffn_flops_per_token``: the part inside the
+    FFN (dense FFN modules, or MoE layers, router included).
+    """
+
+    tokens: int
+    params: int
+    active_params_per_token: float
+    flops_per_token: float
+    ffn_flops_per_token: float | None = None
+    ffn_layers: int = 0
+    moe_layers: list[dict[str, Any]] = field(default_factory=list)  # per MoE layer: tokens, assignments, ...
+
+    @property
+    def ffn_fraction(self) -> float | None:
+        """Share of the FLOPs spent in the FFN (dense) or MoE layers."""
+        if self.ffn_flops_per_token is None or not self.flops_per_token:
+            return None
+        return self.ffn_flops_per_token / self.flops_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ffn_fraction": self.ffn_fraction}
+
+
+def expert_flops(w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> int:
+    """FLOPs of one token through one expert: its GEMMs, ``2*H*I`` (``x2`` when gated) ``+ 2*I*O``."""
+    _, inter, hidden = w1.shape
+    out = w2.shape[1]
+    return 2 * hidden * inter * (2 if w3 is not None else 1) + 2 * inter * out
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared parameter once
+
+
+def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
+                ffn_modules: list[str] | None = None, tokens: int | None = None) -> ModelCost:
+    """Count parameters and FLOPs of one forward ``model(*args, **kwargs)`` (run under no_grad).
+
+    Args:
+        ffn_modules: qualified names of the dense FFN modules, whose FLOPs are reported as the FFN's; MoE
+            layers are found by themselves.
+        tokens: tokens of the input (default: the element count of the first integer input, else the
+            product of all but the last dimension of the first tensor input).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..layers import MoELayer
+
+    kwargs = kwargs or {}
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    records: dict[str, dict[str, Any]] = {}
+    stack: list[str] = []
+
+    def pre_hook(name):
+        def hook(module, inputs):
+            x = inputs[0]
+            entry = records.setdefault(name, {"name": name, "tokens": 0, "assignments": 0, "calls": 0})
+            entry["tokens"] += x.numel() // x.shape[-1]
+            entry["calls"] += 1
+            stack.append(name)
+        return hook
+
+    def post_hook(module, inputs, output):
+        stack.pop()
+
+    def dispatch_formula(w1_at, assignments_of):
+        def formula(*op_args, out_val=None, **op_kwargs):
+            w1, w3, w2 = op_args[w1_at], op_args[w1_at + 2], op_args[w1_at + 4]
+            assignments = assignments_of(op_args)
+            if stack:
+                records[stack[-1]]["assignments"] += assignments
+            return assignments * expert_flops(w1, w3, w2)
+
+        formula._get_raw = True  # FlopCounterMode passes the real tensors, not their shapes
+        return formula
+
+    mapping = {
+        # topk_moe(x, logits, w1, b1, w3, b3, w2, b2, k, ...); moe_ffn(x, index, weight, w1, b1, w3, b3, w2, ...)
+        torch.ops.moefx.topk_moe: dispatch_formula(2, lambda a: a[0].shape[0] * int(a[8])),
+        torch.ops.moefx.moe_ffn: dispatch_formula(3, lambda a: int((a[1] >= 0).sum())),
+    }
+    handles = []
+    for name, module in layers:
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(post_hook))
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    try:
+        with torch.no_grad(), counter:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    counts = counter.get_flop_counts()
+    total_flops = counter.get_total_flops()
+    root = next((k for k in counts if k != "Global" and "." not in k), type(model).__name__)
+    per_module = {k: sum(v.values()) for k, v in counts.items()}
+
+    def flops_of(name: str) -> int:
+        return per_module.get(f"{root}.{name}" if name else root, 0)
+
+    n_tokens = tokens if tokens is not None else _infer_tokens(args, kwargs)
+    params = _count_parameters(model)
+    active = float(params)
+    moe_info = []
+    for name, layer in layers:
+        bank = layer.experts
+        per_expert = sum(t.numel() // bank.num_experts for t in bank.weights() if t is not None)
+        rec = records.get(name, {"tokens": 0, "assignments": 0, "calls": 0})
+        per_token = rec["assignments"] / rec["tokens"] if rec["tokens"] else 0.0
+        active -= per_expert * bank.num_experts
+        active += per_token * per_expert
+        moe_info.append({"name": name, "tokens": rec["tokens"], "assignments": rec["assignments"],
+                         "experts_per_token": per_token, "params_per_expert": per_expert,
+                         "flops": flops_of(name)})
+    if layers:
+        ffn_flops: float | None = float(sum(flops_of(name) for name, _ in layers))
+    elif ffn_modules:
+        ffn_flops = float(sum(flops_of(name) for name in ffn_modules))
+    else:
+        ffn_flops = None
+    return ModelCost(
+        tokens=n_tokens,
+        params=params,
+        active_params_per_token=active,
+        flops_per_token=total_flops / max(n_tokens, 1),
+        ffn_flops_per_token=None if ffn_flops is None else ffn_flops / max(n_tokens, 1),
+        ffn_layers=len(layers) or len(ffn_modules or []),
+        moe_layers=moe_info,
+    )
+
+
+def _infer_tokens(args: tuple, kwargs: dict) -> int:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return 1
+    ints = [t for t in tensors if not t.is_floating_point()]
+    if ints:
+        return ints[0].numel()
+    t = tensors[0]
+    return t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
+
+
+# -- ONNX ------------------------------------------------------------------------------------------------
+
+
+def count_onnx(path: str, feed: dict[str, Any], tokens: int) -> ModelCost:
+    """Parameters and FLOPs of an ONNX model: ``MatMul``, ``Gemm``, ``Conv`` and ``com.microsoft.MoE`` nodes,
+    counted from their operand shapes in one ONNX Runtime run on ``feed`` (every operand made a graph output,
+    so the shapes are the real ones, symbolic dimensions and contrib ops included)."""
+    import onnx
+    import onnxruntime as ort
+
+    from ..onnx.schemas import MS_DOMAIN
+
+    model = onnx.load(path)
+    graph = model.graph
+    initial = {init.name: list(init.dims) for init in graph.initializer}
+    counted = [n for n in graph.node if (n.op_type in ("MatMul", "Gemm", "Conv") and n.domain in ("", "ai.onnx"))
+               or (n.op_type == "MoE" and n.domain == MS_DOMAIN)]
+    wanted = {name for n in counted for name in (*n.input[:5], n.output[0]) if name and name not in initial}
+    existing = {o.name for o in graph.output}
+    for name in sorted(wanted - existing):
+        graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    shapes = {**initial, **{name: list(v.shape) for name, v in zip(names, session.run(names, feed))}}
+    params = sum(math.prod(init.dims) for init in graph.initializer if init.data_type in _FLOAT_TYPES)
+    flops = moe_flops = 0
+    idle_expert_params = 0.0
+    moe_info = []
+    for node in counted:
+        ins = [shapes.get(name) if name else None for name in node.input]
+        out = shapes[node.output[0]]
+        if node.op_type == "MatMul":
+            flops += 2 * math.prod(out) * ins[0][-1]
+        elif node.op_type == "Gemm":
+            trans_a = next((att.i for att in node.attribute if att.name == "transA"), 0)
+            flops += 2 * math.prod(out) * (ins[0][0] if trans_a else ins[0][1])
+        elif node.op_type == "Conv":
+            flops += 2 * math.prod(out) * math.prod(ins[1][1:])
+        else:  # com.microsoft.MoE: input, router_probs, fc1 [E, rows, H], fc1 bias, fc2 [E, O, I], ...
+            k = next((att.i for att in node.attribute if att.name == "k"), 1)
+            experts, rows, hidden = ins[2]
+            _, out_features, inter = ins[4]
+            n_tokens = math.prod(ins[0][:-1])
+            layer_flops = n_tokens * k * (2 * hidden * rows + 2 * inter * out_features)
+            flops += layer_flops
+            moe_flops += layer_flops
+            idle_expert_params += (experts - k) * (rows * hidden + out_features * inter)
+            moe_info.append({"name": node.name, "tokens": n_tokens, "assignments": n_tokens * k,
+                             "experts_per_token": float(k), "flops": layer_flops})
+    return ModelCost(
+        tokens=tokens,
+        params=int(params),
+        active_params_per_token=params - idle_expert_params,
+        flops_per_token=flops / max(tokens, 1),
+        ffn_flops_per_token=moe_flops / max(tokens, 1) if moe_info else None,
+        ffn_layers=len(moe_info),
+        moe_layers=moe_info,
+    )
+
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16

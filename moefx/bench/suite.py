@@ -1,0 +1,272 @@
+"""``run_bench``: a converted model against its dense source (or one ONNX file), in torch and ONNX Runtime.
+
+For a moefx output directory the suite rebuilds the dense source model (same architecture; the weights do
+not change the timing), loads the converted model, exports both to ONNX (the MoE model fused and unfused),
+and for every thread count, sequence length and batch size times, round-robin in one process:
+
+* the whole models: dense and MoE in torch eager, dense in ORT, MoE in ORT fused and unfused;
+* one FFN alone: the first converted layer's dense FFN module against its MoE layer, same runtimes.
+
+FLOPs and parameters are counted from what each model executes (:mod:`moefx.bench.counting`); the
+realised speed-up (dense p50 / MoE p50) is reported against the ideal one (dense FLOPs / MoE active FLOPs).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelLoadError
+from ..progress import progress
+from .counting import count_onnx, count_torch
+from .report import BenchReport, Measurement, Speedup
+from .runners import (
+    export_dense_onnx,
+    onnx_feed,
+    ort_runner,
+    ort_session,
+    synthesize_inputs,
+    synthesize_onnx_feed,
+    torch_runner,
+    torch_threads,
+)
+from .timing import interleaved, peak_memory
+
+__all__ = ["RUNTIMES", "run_bench"]
+
+#: Runtimes a converted model can be benchmarked in.
+RUNTIMES = ("torch", "ort-fused", "ort-unfused")
+_EXPORT_BATCH, _EXPORT_SEQ = 2, 5  # export sizes: >= 2 and unlike other dims, so the axes stay dynamic
+
+
+def _check_sizes(name: str, values: Sequence[int]) -> list[int]:
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{name}: give at least one value")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v <= 0]
+    if bad:
+        raise ConfigError(f"{name}: {bad[0]!r} is not a positive integer")
+    return values
+
+
+def run_bench(
+    source: str | Path,
+    *,
+    batches: Sequence[int] = (1, 8),
+    seqs: Sequence[int] = (128,),
+    threads: Sequence[int] = (1,),
+    runtimes: Sequence[str] = RUNTIMES,
+    ffn: bool = True,
+    min_seconds: float = 0.5,
+    rounds: int = 5,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> BenchReport:
+    """Benchmark a moefx output directory (converted vs dense) or an ONNX file (ORT only).
+
+    Raises:
+        ConfigError: a size or thread count that is not a positive integer, an unknown runtime.
+        ModelLoadError: ``source`` is neither a moefx output directory nor a loadable ``.onnx`` file.
+    """
+    batches = _check_sizes("batch", batches)
+    seqs = _check_sizes("seq", seqs)
+    threads = _check_sizes("threads", threads)
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise ConfigError(f"runtime {unknown[0] if unknown else '(none)'!r}: choose from {', '.join(RUNTIMES)}")
+    if not min_seconds > 0:
+        raise ConfigError(f"min_seconds must be positive (got {min_seconds})")
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        return _bench_onnx(path, batches, seqs, threads, min_seconds, rounds, seed)
+    if path.is_dir() and (path / "recipe.json").exists():
+        return _bench_converted(path, batches, seqs, threads, list(runtimes), ffn, min_seconds, rounds,
+                                trust_remote_code, seed)
+    if not path.exists():
+        raise ModelLoadError(f"{source}: no such file or directory")
+    raise ModelLoadError(
+        f"{source}: not something moefx bench can run; pass a moefx output directory (moefx convert -o OUT) "
+        "or an .onnx file (moefx export)"
+    )
+
+
+# -- an ONNX file ----------------------------------------------------------------------------------------
+
+
+def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -> BenchReport:
+    try:
+        import onnx
+
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    report = BenchReport(str(path))
+    probe = ort_session(path, 1)
+    name = path.stem
+    report.costs[name] = count_onnx(str(path), synthesize_onnx_feed(probe, 1, seqs[0], seed=seed),
+                                    tokens=seqs[0]).to_dict()
+    cells = [(t, s, b) for t in threads for s in seqs for b in batches]
+    with progress(total=len(cells), desc="bench", unit="size") as bar:
+        for t, s, b in cells:
+            feed = synthesize_onnx_feed(probe, b, s, seed=seed)
+            with peak_memory() as mem:
+                run = ort_runner(path, feed, t)
+                run()
+            timing = interleaved({name: run}, rounds=rounds, min_seconds=min_seconds)[name]
+            report.measurements.append(_measurement(name, "ort", t, b, s, timing, mem["peak_mb"]))
+            bar.update(1)
+    return report
+
+
+# -- a converted model against its dense source ----------------------------------------------------------
+
+
+def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
+                     trust_remote_code, seed) -> BenchReport:
+    import moefx
+    from moefx.io import read_recipe, rebuild_source
+    from moefx.layers import MoELayer
+
+    recipe = read_recipe(path)
+    moe = moefx.load(path, trust_remote_code=trust_remote_code).eval()
+    dense = rebuild_source(path, recipe["source"], trust_remote_code).eval()
+    example = getattr(getattr(moe, "moefx_info", None), "inputs", None)
+    report = BenchReport(str(path))
+    use_ort = any(r.startswith("ort") for r in runtimes)
+
+    # One FFN alone: the first converted layer against the dense module it replaced.
+    ffn_pair = None
+    if ffn and recipe["layers"]:
+        first = recipe["layers"][0]
+        try:
+            layer = moe.get_submodule(first["moe"])
+            dense_ffn = dense.get_submodule(first["name"])
+        except AttributeError:
+            layer = dense_ffn = None
+        if isinstance(layer, MoELayer) and dense_ffn is not None and _callable_on_hidden(dense_ffn, first):
+            ffn_pair = (first, dense_ffn, layer)
+        else:
+            report.notes.append(f"FFN alone not measured: the dense FFN {first['name']!r} is not a module that "
+                                "maps [batch, seq, hidden] to [batch, seq, hidden]")
+
+    # Costs at batch 1 and each sequence length (FLOPs per token depend on the length through attention).
+    ideal: dict[tuple[str, int], float] = {}
+    for s in seqs:
+        args, kwargs = synthesize_inputs(dense, example, 1, s, seed=seed)
+        dense_cost = count_torch(dense, args, kwargs, ffn_modules=[d["name"] for d in recipe["layers"]])
+        moe_cost = count_torch(moe, args, kwargs)
+        ideal[("model", s)] = dense_cost.flops_per_token / moe_cost.flops_per_token
+        if s == seqs[0]:
+            report.costs["dense"] = dense_cost.to_dict()
+            report.costs["moe"] = moe_cost.to_dict()
+        if ffn_pair is not None:
+            info, dense_ffn, layer = ffn_pair
+            x = torch.randn(1, s, info["in_features"])
+            d_ffn, m_ffn = count_torch(dense_ffn, (x,)), count_torch(layer, (x,))
+            ideal[("ffn", s)] = d_ffn.flops_per_token / m_ffn.flops_per_token
+            if s == seqs[0]:
+                report.costs["ffn-dense"] = d_ffn.to_dict()
+                report.costs["ffn-moe"] = m_ffn.to_dict()
+
+    with tempfile.TemporaryDirectory(prefix="moefx-bench-") as tmp:
+        files = _export_all(Path(tmp), dense, moe, example, ffn_pair, runtimes, seed) if use_ort else {}
+        cells = [(t, s, b) for t in threads for s in seqs for b in batches]
+        with progress(total=len(cells), desc="bench", unit="size") as bar:
+            for t, s, b in cells:
+                with torch_threads(t):
+                    args, kwargs = synthesize_inputs(dense, example, b, s, seed=seed)
+                    groups = {"model": {"dense": dense, "moe": moe}}
+                    if ffn_pair is not None:
+                        x = torch.randn(b, s, ffn_pair[0]["in_features"])
+                        groups["ffn"] = {"dense": ffn_pair[1], "moe": ffn_pair[2]}
+                    for scope, models in groups.items():
+                        scope_args, scope_kwargs = (args, kwargs) if scope == "model" else ((x,), {})
+                        candidates, memory = {}, {}
+                        for runtime in (["torch"] if "torch" in runtimes else []) + (["ort"] if use_ort else []):
+                            if runtime == "torch":
+                                for name, model in models.items():
+                                    with peak_memory() as mem:
+                                        run = torch_runner(model, scope_args, scope_kwargs)
+                                        run()
+                                    candidates[(name, "torch")] = run
+                                    memory[(name, "torch")] = mem["peak_mb"]
+                                continue
+                            for key, (file, names) in files.items():
+                                if key[0] != scope:
+                                    continue
+                                feed = onnx_feed(ort_session(file, 1), scope_args, scope_kwargs, names)
+                                with peak_memory() as mem:
+                                    run = ort_runner(file, feed, t)
+                                    run()
+                                candidates[key[1:]] = run
+                                memory[key[1:]] = mem["peak_mb"]
+                        timings = interleaved({f"{m}/{r}": fn for (m, r), fn in candidates.items()},
+                                              rounds=rounds, min_seconds=min_seconds)
+                        prefix = "" if scope == "model" else "ffn-"
+                        for (m, r), _ in candidates.items():
+                            report.measurements.append(_measurement(prefix + m, r, t, b, s, timings[f"{m}/{r}"],
+                                                                    memory[(m, r)]))
+                        report.speedups += _speedups(scope, candidates, timings, t, b, s, ideal.get((scope, s)))
+                bar.update(1)
+    report.notes.append("dense weights are the dense architecture rebuilt from the recipe (random weights: "
+                        "timing does not depend on them)")
+    report.notes.append("peak MB: resident-set growth while the runtime is set up at this size and runs once "
+                        "(ORT: session with its weights; torch: activations only, weights were loaded before)")
+    return report
+
+
+def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:
+    try:
+        with torch.no_grad():
+            y = module(torch.randn(1, 3, info["in_features"]))
+    except Exception:
+        return False
+    return isinstance(y, torch.Tensor) and tuple(y.shape) == (1, 3, info["out_features"])
+
+
+def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dict[tuple, tuple[Path, list]]:
+    """ONNX files keyed by (scope, model, runtime): dense in 'ort', the MoE side in 'ort-fused'/'ort-unfused'."""
+    from moefx.onnx import export_onnx
+
+    files: dict[tuple, tuple[Path, list]] = {}
+    args, kwargs = synthesize_inputs(dense, example, _EXPORT_BATCH, _EXPORT_SEQ, seed=seed)
+    pairs = [("model", dense, moe, args, kwargs)]
+    if ffn_pair is not None:
+        x = torch.randn(_EXPORT_BATCH, _EXPORT_SEQ, ffn_pair[0]["in_features"])
+        pairs.append(("ffn", ffn_pair[1], ffn_pair[2], (x,), {}))
+    for scope, dense_model, moe_model, a, kw in pairs:
+        file = tmp / f"{scope}-dense.onnx"
+        names = export_dense_onnx(dense_model, a, kw, file)
+        files[(scope, "dense", "ort")] = (file, names)
+        for runtime in ("ort-fused", "ort-unfused"):
+            if runtime not in runtimes:
+                continue
+            file = tmp / f"{scope}-moe-{runtime}.onnx"
+            report = export_onnx(moe_model, a, file, example_kwargs=kw, fused=runtime == "ort-fused", verify=False,
+                                 force=True)
+            files[(scope, "moe", runtime)] = (file, [i["name"] for i in report.inputs])
+    return files
+
+
+def _measurement(model, runtime, threads, batch, seq, timing, peak_mb) -> Measurement:
+    tokens = batch * seq
+    return Measurement(model, runtime, threads, batch, seq, tokens, timing.p50 * 1e3, timing.p90 * 1e3,
+                       timing.p99 * 1e3, len(timing.samples), peak_mb)
+
+
+def _speedups(scope, candidates, timings, t, b, s, ideal) -> list[Speedup]:
+    out = []
+    pairs = [("torch", ("dense", "torch"), ("moe", "torch")),
+             ("ort-fused", ("dense", "ort"), ("moe", "ort-fused")),
+             ("ort-unfused", ("dense", "ort"), ("moe", "ort-unfused"))]
+    for runtime, dense_key, moe_key in pairs:
+        if dense_key in candidates and moe_key in candidates:
+            d = timings["/".join(dense_key)].p50
+            m = timings["/".join(moe_key)].p50
+            out.append(Speedup(scope, runtime, t, b, s, d / m, ideal if ideal is not None else float("nan")))
+    return out

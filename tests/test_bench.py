@@ -1,0 +1,268 @@
+"""moefx bench: FLOP and parameter counts on hand-computed examples, the eager fast path, the report, the CLI.
+
+No timing assertions: latencies on a shared machine are noise; the benchmark scripts print ratios instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moefx
+from moefx import ops
+from moefx.bench import (
+    BenchReport,
+    Measurement,
+    Speedup,
+    Timing,
+    count_onnx,
+    count_torch,
+    interleaved,
+    run_bench,
+)
+from moefx.bench.runners import onnx_feed, ort_session
+from moefx.errors import ConfigError, ModelLoadError
+from moefx.layers import ExpertBank, MoELayer
+from moefx.routers import build_router
+
+TESTS = Path(__file__).parent
+E, H, I, O = 4, 8, 12, 8  # experts, hidden, expert inter, out
+
+
+def _moe_layer(router: str = "topk", *, gated: bool = True, bias: bool = False, seed: int = 0, **config) -> MoELayer:
+    cfg = moefx.MoEConfig(router=router, num_experts=E, top_k=2, allow_noncausal=True, **config)
+    bank = ExpertBank(E, H, I, O, "silu", gated=gated, up_bias=bias, down_bias=bias)
+    module = build_router(H, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*bank.parameters(), *module.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return MoELayer(module, bank).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# counting: hand-computed examples
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dense_mlp_flops_and_params():
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    cost = count_torch(mlp, (torch.randn(2, 5, 8),))
+    assert cost.tokens == 10
+    assert cost.params == 8 * 32 + 32 + 32 * 8 + 8 == 552
+    assert cost.active_params_per_token == 552
+    assert cost.flops_per_token == 2 * 8 * 32 + 2 * 32 * 8 == 1024  # per token: two GEMM rows
+
+
+def test_topk_moe_flops_and_active_params():
+    layer = _moe_layer()
+    cost = count_torch(layer, (torch.randn(2, 5, H),))
+    per_expert_params = I * H * 2 + O * I  # w1, w3, w2 (no biases) = 288
+    per_assignment = 2 * H * I * 2 + 2 * I * O  # gate+up GEMMs, down GEMM = 576 FLOPs
+    router = 2 * H * E  # logits GEMM per token = 64 FLOPs
+    assert cost.params == H * E + E * per_expert_params == 1184
+    assert cost.active_params_per_token == H * E + 2 * per_expert_params == 608
+    assert cost.flops_per_token == router + 2 * per_assignment == 1216
+    assert cost.ffn_flops_per_token == cost.flops_per_token  # the layer is all FFN
+    [info] = cost.moe_layers
+    assert (info["tokens"], info["assignments"], info["experts_per_token"]) == (10, 20, 2.0)
+
+
+def test_capacity_drops_are_not_counted():
+    layer = _moe_layer(capacity_factor=0.5)
+    x = torch.randn(3, 8, H)
+    cost = count_torch(layer, (x,))
+    kept = int(layer.router.last_stats.load.sum())  # the same forward's routing
+    assert kept < 24 * 2
+    assert cost.moe_layers[0]["assignments"] == kept
+    assert cost.flops_per_token * 24 == 24 * 2 * H * E + kept * (2 * H * I * 2 + 2 * I * O)
+
+
+def test_soft_moe_counts_slots_and_mixing():
+    layer = _moe_layer("soft", gated=False)  # one slot per token: p = ceil(5 / 4) = 2 slots per expert
+    cost = count_torch(layer, (torch.randn(2, 5, H),))
+    slots = 2 * E * 2  # groups * experts * p
+    assert cost.moe_layers[0]["assignments"] == slots
+    assert cost.active_params_per_token == pytest.approx(H * E * 64 + 1 + slots / 10 * (I * H + O * I))
+    # logits [5, 8 slots] + dispatch [8 slots, 5] @ [5, H] + combine [5, 8] @ [8, O], per group, plus experts
+    mixing = 2 * (2 * 5 * H * 8 + 2 * 8 * 5 * H + 2 * 5 * 8 * O)
+    assert cost.flops_per_token * 10 == mixing + slots * (2 * H * I + 2 * I * O)
+
+
+def test_onnx_counts_match_torch(tmp_path):
+    layer = _moe_layer()
+    path = tmp_path / "layer.onnx"
+    moefx.export_onnx(layer, (torch.randn(2, 5, H),), path, verify=False)
+    x = torch.randn(3, 7, H)
+    cost = count_onnx(str(path), onnx_feed(ort_session(path, 1), (x,), {}), tokens=21)
+    torch_cost = count_torch(layer, (x,))
+    assert cost.flops_per_token == torch_cost.flops_per_token == 2 * H * E + 2 * (2 * H * I * 2 + 2 * I * O)
+    assert cost.params == torch_cost.params
+    assert cost.active_params_per_token == torch_cost.active_params_per_token
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the eager fast path and the kernel
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "expert-choice"])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_inference_fast_path_matches_the_op_path(router, tokens):
+    layer = _moe_layer(router, bias=True)
+    x = torch.randn(1, tokens, H)
+    with torch.inference_mode():
+        fast = layer(x)  # moe_ffn_kernel called directly
+    slow = layer(x.clone().requires_grad_(True))  # autograd: through the custom op
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_gemm_routines_agree(monkeypatch):
+    w = [t if t is None else t.detach() for t in _moe_layer(bias=True).experts.weights()]
+    x = torch.randn(64, H)
+    index = torch.randint(-1, E, (64, 2))
+    weight = torch.rand(64, 2)
+    want = ops.moe_ffn_reference(x, index, weight, *w, "silu")
+    got = ops.moe_ffn_kernel(x, index, weight, *w, "silu")
+    monkeypatch.setattr(ops, "_ONEDNN_LINEAR", None)
+    aten = ops.moe_ffn_kernel(x, index, weight, *w, "silu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aten, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_statistics_and_losses_survive_copies():
+    layer = _moe_layer(z_loss_weight=0.1)
+    with torch.no_grad():
+        layer(torch.randn(2, 6, H))
+    clone = copy.deepcopy(layer)  # summarises the pending statistics first
+    assert clone.router.last_stats.load.tolist() == layer.router.last_stats.load.tolist()
+    assert sum(layer.router.last_stats.load.tolist()) == 24
+    assert set(layer.aux_losses) == {"load_balance", "z_loss"}
+    assert clone.aux_losses == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing and report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_timing_percentiles_and_interleaving():
+    timing = Timing([0.001 * i for i in range(1, 101)])
+    assert timing.p50 == pytest.approx(0.0505)
+    assert timing.p90 == pytest.approx(0.0901)
+    assert timing.p99 == pytest.approx(0.09901)
+    calls = {"a": 0, "b": 0}
+    results = interleaved({"a": lambda: calls.__setitem__("a", calls["a"] + 1),
+                           "b": lambda: calls.__setitem__("b", calls["b"] + 1)},
+                          rounds=3, min_seconds=0.01, min_reps=6)
+    assert all(len(results[k].samples) >= 6 for k in "ab")
+
+
+def test_report_renders_json_and_plot(tmp_path):
+    report = BenchReport("out/")
+    report.measurements = [Measurement("dense", "torch", 1, b, 16, b * 16, 2.0 * b, 2.5 * b, 3.0 * b, 10, 1.0)
+                           for b in (1, 4)]
+    report.measurements += [Measurement("moe", "torch", 1, b, 16, b * 16, 0.5 * b, 0.6 * b, 0.7 * b, 10, None)
+                            for b in (1, 4)]
+    report.speedups = [Speedup("model", "torch", 1, 1, 16, 4.0, 4.0)]
+    text = report.render()
+    assert "p50 ms" in text and "4.00x" in text and "100%" in text
+    report.write_json(tmp_path / "b.json")
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["measurements"][0]["tokens_per_s"] == pytest.approx(16 / 0.002)
+    report.plot(tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end and bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    from conftest import tiny_hf_model
+
+    root = tmp_path_factory.mktemp("bench")
+    tiny_hf_model("llama").save_pretrained(root / "llama")
+    source = moefx.io.load_source(root / "llama")
+    model = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict())
+    moefx.save(model, root / "out")
+    return root / "out"
+
+
+def test_run_bench_converted_model(converted_dir):
+    report = run_bench(converted_dir, batches=[1, 2], seqs=[4], runtimes=["torch", "ort-fused"], min_seconds=0.01,
+                       rounds=1)
+    keys = {(m.model, m.runtime, m.batch) for m in report.measurements}
+    for batch in (1, 2):
+        assert {("dense", "torch", batch), ("moe", "torch", batch), ("dense", "ort", batch),
+                ("moe", "ort-fused", batch), ("ffn-dense", "torch", batch), ("ffn-moe", "ort-fused", batch)} <= keys
+    dense, moe = report.costs["dense"], report.costs["moe"]
+    assert moe["params"] > dense["params"]  # upcycled: 4 copies of each FFN
+    # Upcycled top-2: each token runs two full-size experts, so the FFN FLOPs double (plus the router).
+    ffn = report.costs["ffn-dense"]["flops_per_token"]
+    assert report.costs["ffn-moe"]["flops_per_token"] == 2 * ffn + 2 * 32 * 4
+    assert {s.scope for s in report.speedups} == {"ffn", "model"}
+    assert all(s.realised > 0 and s.ideal < 1 for s in report.speedups)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(TESTS), MOEFX_QUIET="1")
+    return subprocess.run([sys.executable, "-m", "moefx.cli", "bench", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_writes_table_json_and_plot(converted_dir, tmp_path):
+    result = _cli(str(converted_dir), "--batch", "1,2", "--seq", "4", "--runtimes", "torch", "--no-ffn",
+                  "--min-seconds", "0.01", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
+    assert result.returncode == 0, result.stderr
+    assert "p50 ms" in result.stdout and "realised" in result.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["format"] == "moefx-bench"
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["README.md"], "not something moefx bench can run"),
+    (["missing-dir/"], "no such file"),
+    (["OUT", "--threads", "0"], "--threads"),
+    (["OUT", "--batch", "1,x"], "'x' is not a positive integer"),
+    (["OUT", "--seq", ""], "--seq"),
+    (["OUT", "--runtimes", "tensorrt"], "tensorrt"),
+    (["BAD.onnx"], "not a readable ONNX model"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle, converted_dir, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    root = Path(__file__).resolve().parents[1]
+    args = [str(root / a) if a == "README.md" else str(converted_dir) if a == "OUT" else str(bad) if a == "BAD.onnx"
+            else a for a in args]
+    result = _cli(*args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert needle in lines[0]
+
+
+def test_api_errors():
+    with pytest.raises(ConfigError, match="threads"):
+        run_bench("out", threads=[0])
+    with pytest.raises(ConfigError, match="batch"):
+        run_bench("out", batches=[])
+    with pytest.raises(ModelLoadError, match="no such file"):
+        run_bench("definitely-missing")
+
+
+def test_import_moefx_stays_light():
+    code = ("import sys, moefx, moefx.bench, moefx.cli.bench; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr

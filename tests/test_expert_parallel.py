@@ -87,6 +87,11 @@ def test_torchrun_matches_single_process(tmp_path, router, nproc):
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "moefx.run", str(plan_dir), "--reference", str(out), "--atol", "1e-5", "--timeout", "30"]
     result = _run(cmd, timeout=90)
+    if result.returncode != 0 and re.search(r"Signal \d+ \(SIG", result.stderr):
+        # A worker killed by a signal (seen once: SIGABRT in gloo's teardown on a loaded machine) is a crash of
+        # the environment, not a wrong answer: try once more on a fresh port, and fail if it happens again.
+        cmd[cmd.index("--master-port") + 1] = str(_free_port())
+        result = _run(cmd, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"max \|expert-parallel - single-process\| = (\S+)", result.stdout)
     assert match, result.stdout + result.stderr

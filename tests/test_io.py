@@ -68,3 +68,22 @@ def test_load_rejects_weights_of_another_model(tmp_path):
     other = Stack([Block(MLP(h=24)), Block(GatedMLP())])
     with pytest.raises(ModelLoadError, match="does not fit the rebuilt model"):
         moefx.load(tmp_path / "out", model=other)
+
+
+def test_python_api_errors_are_moefx_errors_with_one_line():
+    """The bad inputs the CLI turns into one line raise MoefxError from the Python API too."""
+    from toy_models import no_ffn, untraceable
+
+    cases = [
+        lambda: moefx.convert(*no_ffn()[:1], example_inputs=no_ffn()[1]),
+        lambda: moefx.convert(*untraceable()[:1], example_inputs=untraceable()[1]),
+        lambda: moefx.MoEConfig(num_experts=2, top_k=3),
+        lambda: moefx.MoEConfig(router="nope"),
+        lambda: moefx.MoEConfig(capacity_factor=-1.0),
+        lambda: moefx.io.load_source("does/not/exist.pt2"),
+        lambda: moefx.load("does/not/exist"),
+    ]
+    for case in cases:
+        with pytest.raises(moefx.MoefxError) as info:
+            case()
+        assert "\n" not in str(info.value)

@@ -322,6 +322,49 @@ def test_capacity_factor_layer(tmp_path, fuse_assigned):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# routers without an ORT kernel: one call of a model-local moefx function per layer
+# ---------------------------------------------------------------------------------------------------------
+
+ROUTER_CASES = [(name, router) for name in ("gpt2", "bert") for router in ("bpr", "expert-choice", "soft")]
+
+
+def moefx_function_calls(model_proto) -> list:
+    return [n for n in model_proto.graph.node if n.domain == "moefx"]
+
+
+@pytest.mark.parametrize(("name", "router"), ROUTER_CASES, ids=[f"{n}-{r}" for n, r in ROUTER_CASES])
+def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path, name, router):
+    extra = {"capacity_factor": 1.0} if router == "bpr" else {}
+    if name == "gpt2" and router in ("soft", "expert-choice"):
+        extra["allow_noncausal"] = True  # token-mixing routers in a causal decoder
+    config = moefx.MoEConfig(num_experts=4, top_k=2, init="random", router=router, **extra)
+    model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
+    layers = moefx.moe_layers(model)
+    path = tmp_path / f"{name}-{router}.onnx"
+    report = export_onnx(model, None, path)
+
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    calls = moefx_function_calls(proto)
+    assert len(calls) == len(layers) == 2
+    functions = {(f.domain, f.name): f for f in proto.functions}
+    assert {(n.domain, n.op_type) for n in calls} <= set(functions)
+    assert all(f.domain == "moefx" and f.node for f in proto.functions)
+    assert {n.domain for f in proto.functions for n in f.node} <= STANDARD_DOMAINS
+    assert {o.domain: o.version for o in proto.opset_import}["moefx"] == 1
+    assert moe_nodes(proto) == []
+    for layer in report.layers:
+        assert not layer.fused and layer.op == "moefx::moe_ffn"
+        assert layer.nodes == {f"moefx::{calls[0].op_type}": 1}
+    assert report.verification["compared"] and report.verification["max_abs_error"] <= 1e-4
+    # Soft and expert-choice slot counts depend on the sequence length: another batch at the export's
+    # sequence length, then other lengths (the sequence axis stays dynamic).
+    for batch, seq in ((3, 8), (3, 5), (1, 11)):
+        error = ort_vs_torch(path, model, hf_inputs(name, batch, seq, seed=1))
+        assert error <= 1e-4, f"{name}/{router} at batch {batch}, seq {seq}: max abs error {error:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the report, the file
 # ---------------------------------------------------------------------------------------------------------
 

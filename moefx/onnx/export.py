@@ -2,7 +2,8 @@
 
 The route is ``torch.onnx.export(dynamo=True)``: torch.export keeps every MoE layer's dispatch as one
 ``moefx::`` custom-op node, and :data:`moefx.onnx.translations.TRANSLATIONS` turns each into ONNX, fused
-(``com.microsoft.MoE``) or in standard ops. Each translation stamps the nodes it emits with how and why it
+(``com.microsoft.MoE``) or in standard ops (an assigned ``moe_ffn`` as one call of a model-local
+``moefx::moe_ffn_*`` ONNX function, whose FunctionProto is added to the model after export). Each translation stamps the nodes it emits with how and why it
 lowered the call; after export those stamps, together with the exporter's record of the module each node came
 from, give the per-layer report, and the weight-only subgraphs the translations built (interleaved gate/up
 rows, transposes) are folded into initializers.
@@ -40,8 +41,15 @@ from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
 from ..io import _first_line
 from .report import ExportReport, LayerExport
-from .schemas import MS_DOMAIN, ORT_MOE_INPUTS
-from .translations import ATEN_TRANSLATIONS, TRANSLATIONS, ExportOptions, Lowering
+from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
+from .translations import (
+    ATEN_TRANSLATIONS,
+    MOE_FFN_FUNCTIONS,
+    TRANSLATIONS,
+    ExportOptions,
+    Lowering,
+    moe_ffn_function,
+)
 
 __all__ = ["OnnxExportError", "export_onnx"]
 
@@ -123,6 +131,7 @@ def export_onnx(
             _prime_captured_containers(model, args, kwargs)
             reference = model(*args, **kwargs)
             onnx_model, input_names, dispatches = _torch_onnx_export(model, args, kwargs, reference, options, opset)
+        _add_local_functions(onnx_model)
         _fold_weight_preparation(onnx_model)
         _strip_shim_prefix(onnx_model)
         layer_reports = _layer_reports(onnx_model, layers, dispatches)
@@ -394,7 +403,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-# -- after export: fold, attribute nodes to layers, count ------------------------------------------------
+# -- after export: functions, fold, attribute nodes to layers, count ------------------------------------------------
+
+
+def _add_local_functions(model: ir.Model) -> None:
+    """Give every ``moefx::moe_ffn_*`` call its FunctionProto (one per kind, shared by the layers calling it)."""
+    version = model.opset_imports.get("", 18)
+    for node in model.graph.all_nodes():
+        if node.domain != MOEFX_DOMAIN:
+            continue
+        identifier = (MOEFX_DOMAIN, node.op_type, "")
+        if identifier not in model.functions:
+            model.functions[identifier] = moe_ffn_function(MOE_FFN_FUNCTIONS[node.op_type], version)
+        model.opset_imports[MOEFX_DOMAIN] = MOEFX_DOMAIN_VERSION
 
 
 def _fold_weight_preparation(model: ir.Model) -> None:

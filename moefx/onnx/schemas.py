@@ -11,7 +11,8 @@ from __future__ import annotations
 import onnx
 import onnxscript
 
-__all__ = ["MS_DOMAIN", "ORT_MOE_ATTRIBUTES", "ORT_MOE_INPUTS", "ort_moe_opset"]
+__all__ = ["MOEFX_DOMAIN", "MOEFX_DOMAIN_VERSION", "MS_DOMAIN", "ORT_MOE_ATTRIBUTES", "ORT_MOE_INPUTS",
+           "moefx_function_opset", "ort_moe_opset"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -71,3 +72,32 @@ def ort_moe_opset() -> onnxscript.values.Opset:
     if not onnx.defs.has("MoE", 1, MS_DOMAIN):
         onnx.defs.register_schema(_moe_schema())
     return onnxscript.values.Opset(MS_DOMAIN, 1)
+
+
+MOEFX_DOMAIN = "moefx"
+MOEFX_DOMAIN_VERSION = 1
+
+
+def moefx_function_opset(name: str, inputs: list[str]) -> onnxscript.values.Opset:
+    """The ``moefx`` opset (version 1), with a schema for the local function ``name(*inputs) -> output``.
+
+    onnxscript only builds nodes for registered schemas; the node's meaning comes from the FunctionProto that
+    the export adds to the model (ONNX Runtime inlines it), so the schema only names the inputs.
+    """
+    if not onnx.defs.has(name, MOEFX_DOMAIN_VERSION, MOEFX_DOMAIN):
+        schema = onnx.defs.OpSchema
+        types = {"x": "T", "expert_index": "I", "combine_weight": "W"}
+        onnx.defs.register_schema(schema(
+            name,
+            MOEFX_DOMAIN,
+            MOEFX_DOMAIN_VERSION,
+            doc="moefx expert FFNs for a given assignment (a model-local ONNX function).",
+            inputs=[schema.FormalParameter(i, types.get(i, "T")) for i in inputs],
+            outputs=[schema.FormalParameter("output", "T")],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], "float tensors"),
+                ("W", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], "weights"),
+                ("I", ["tensor(int64)", "tensor(int32)"], "expert indices"),
+            ],
+        ))
+    return onnxscript.values.Opset(MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION)

@@ -10,7 +10,11 @@ how it lowered it and why. A router that brings its own dispatch op registers it
 * :func:`ort_moe` - the fused node for softmax-top-k routing (router logits fed as ``router_probs``);
 * :func:`ort_moe_weighted` - the fused node for any non-negative per-expert combine weights;
 * :func:`topk_combine`, :func:`assigned_combine` - a dense ``[tokens, experts]`` combine matrix;
-* :func:`dense_experts` - all experts batched with MatMul, combined by that matrix (standard ops only).
+* :func:`dense_experts` - all experts batched with MatMul, combined by that matrix (standard ops only);
+* :func:`call_moe_ffn_function` - the unfused ``moe_ffn`` as one call of a model-local ONNX function
+  ``moefx::moe_ffn_<activation>[_gated][_bias]`` whose body (:func:`moe_ffn_function`) is those standard ops, so
+  the graph keeps one dispatch node per layer and any ONNX runtime runs it (the exporter adds the
+  FunctionProtos, one per kind; ONNX Runtime inlines them).
 
 Facts about ONNX Runtime's CPU MoE kernel (onnxruntime 1.32) this module relies on, each measured against a
 NumPy reference: ``relu``/``silu``/``identity`` are exact; ``gelu`` is the tanh approximation (exact for
@@ -31,20 +35,24 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
-from .schemas import ort_moe_opset
+from .schemas import MOEFX_DOMAIN, moefx_function_opset, ort_moe_opset
 
 __all__ = [
     "ATEN_TRANSLATIONS",
     "GELU_APPROXIMATION",
+    "MOE_FFN_FUNCTIONS",
     "ONNX_ACTIVATIONS",
     "TRANSLATIONS",
     "ExpertWeights",
     "ExportOptions",
     "Lowering",
+    "MoEFunctionSpec",
     "OrtActivation",
     "assigned_combine",
+    "call_moe_ffn_function",
     "dense_experts",
     "fused_activation",
+    "moe_ffn_function",
     "ort_moe",
     "ort_moe_weighted",
     "register_translation",
@@ -56,6 +64,8 @@ GELU_APPROXIMATION = (
     "export with exact=True (--exact) to keep the layer exact, unfused"
 )
 _DENSE_METHOD = "standard ONNX ops: dense [tokens, experts] combine matrix, all experts batched with MatMul"
+_FUNCTION_METHOD = ("one call of the model-local ONNX function {name} (standard ONNX ops: dense [tokens, experts] "
+                    "combine matrix, all experts batched with MatMul)")
 
 
 @dataclass(frozen=True)
@@ -332,6 +342,78 @@ def dense_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> ir.
     return op.ReduceSum(op.Mul(y, gate), op.Constant(value_ints=[0]), keepdims=0)
 
 
+# -- unfused as a model-local ONNX function (domain "moefx") ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoEFunctionSpec:
+    """One ``moefx::moe_ffn_*`` function: the expert kind it computes, and which optional weights it takes."""
+
+    activation: str
+    inputs: tuple[str, ...]  # x, expert_index, combine_weight, w1, [b1], [w3], [b3], w2, [b2]
+    dtype: ir.DataType
+    index_dtype: ir.DataType
+    weight_dtype: ir.DataType
+
+    @property
+    def name(self) -> str:
+        gated = "w3" in self.inputs
+        biases = [b for b in ("b1", "b3", "b2") if b in self.inputs]
+        expected = ["b1", "b3", "b2"] if gated else ["b1", "b2"]
+        suffix = "" if not biases else "_bias" if biases == expected else "_" + "".join(biases)
+        types = "" if (self.dtype, self.index_dtype, self.weight_dtype) == (
+            ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.FLOAT) else (
+            f"_{self.dtype.name.lower()}_{self.index_dtype.name.lower()}_{self.weight_dtype.name.lower()}")
+        return f"moe_ffn_{self.activation}{'_gated' if gated else ''}{suffix}{types}"
+
+
+#: The functions the unfused ``moe_ffn`` translation called, by name; the exporter adds their bodies to the model.
+MOE_FFN_FUNCTIONS: dict[str, MoEFunctionSpec] = {}
+
+
+def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Function:
+    """The body of ``moefx::<spec.name>``: :func:`assigned_combine` and :func:`dense_experts` in standard ops."""
+    import onnxscript
+    from torch.onnx._internal.exporter import _building
+
+    values = {name: ir.Value(name=name) for name in spec.inputs}
+    values["x"].dtype = spec.dtype
+    values["expert_index"].dtype = spec.index_dtype
+    values["combine_weight"].dtype = spec.weight_dtype
+    for name in spec.inputs[3:]:
+        values[name].dtype = spec.dtype
+    recorder = _building.OpRecorder(op, {})
+    with onnxscript.evaluator.default_as(recorder):
+        experts = ExpertWeights(values["w1"], values.get("b1"), values.get("w3"), values.get("b3"), values["w2"],
+                                values.get("b2"), spec.activation)
+        index, weight = values["expert_index"], values["combine_weight"]
+        kept = op.GreaterOrEqual(index, op.CastLike(op.Constant(value_int=0), index))  # [T, k]
+        safe_index = op.Where(kept, index, op.CastLike(op.Constant(value_int=0), index))
+        weight = op.Where(kept, weight, op.CastLike(op.Constant(value_float=0.0), weight))
+        shape = op.Concat(op.Shape(index, start=0, end=1), op.Shape(experts.w1, start=0, end=1), axis=0)
+        zeros = op.CastLike(op.ConstantOfShape(shape), weight)
+        combine = op.ScatterElements(zeros, safe_index, weight, axis=1, reduction="add")  # [T, E]
+        output = dense_experts(values["x"], combine, experts)
+    output.name = "output"
+    graph = ir.Graph([values[name] for name in spec.inputs], [output], nodes=recorder.nodes,
+                     opset_imports={"": opset_version}, name=spec.name)
+    return ir.Function(MOEFX_DOMAIN, spec.name, "", graph=graph, attributes=())
+
+
+def call_moe_ffn_function(x: ir.Value, expert_index: ir.Value, combine_weight: ir.Value,
+                          experts: ExpertWeights) -> tuple[ir.Value, str]:
+    """One ``moefx::moe_ffn_*`` node computing :func:`dense_experts` for a given assignment; returns its name."""
+    args = {"x": x, "expert_index": expert_index, "combine_weight": combine_weight, "w1": experts.w1,
+            "b1": experts.b1, "w3": experts.w3, "b3": experts.b3, "w2": experts.w2, "b2": experts.b2}
+    args = {name: value for name, value in args.items() if value is not None}
+    float_type = ir.DataType.FLOAT
+    spec = MoEFunctionSpec(experts.activation, tuple(args), x.dtype or float_type,
+                           expert_index.dtype or ir.DataType.INT64, combine_weight.dtype or float_type)
+    MOE_FFN_FUNCTIONS[spec.name] = spec
+    node = getattr(moefx_function_opset(spec.name, list(args)), spec.name)
+    return node(*args.values()), spec.name
+
+
 # -- the registry ----------------------------------------------------------------------------------------
 
 #: ``(options, *op_args) -> (output, Lowering)``
@@ -401,11 +483,13 @@ _ASSIGNED_REASON = (
 @register_translation(torch.ops.moefx.moe_ffn.default)
 def translate_moe_ffn(options: ExportOptions, x, expert_index, combine_weight, w1, b1, w3, b3, w2, b2,
                       activation: str) -> tuple[ir.Value, Lowering]:
-    """A given assignment: standard ops, or (``fuse_assigned``) com.microsoft.MoE fed with log-weights."""
+    """A given assignment: one call of a model-local ``moefx::moe_ffn_*`` function (standard ops inside), or
+    (``fuse_assigned``) com.microsoft.MoE fed with log-weights."""
     experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
-    combine = assigned_combine(expert_index, combine_weight, experts.num_experts)  # [T, E]
     form = fused_activation(experts, x, options)
     if options.fused and options.fuse_assigned and isinstance(form, OrtActivation):
+        combine = assigned_combine(expert_index, combine_weight, experts.num_experts)  # [T, E]
         return ort_moe_weighted(x, combine, experts, form, k=int(expert_index.shape[1]))
     reason = _unfused_reason(options, form) or _ASSIGNED_REASON
-    return dense_experts(x, combine, experts), Lowering(False, _DENSE_METHOD, reason)
+    y, name = call_moe_ffn_function(x, expert_index, combine_weight, experts)
+    return y, Lowering(False, _FUNCTION_METHOD.format(name=f"{MOEFX_DOMAIN}::{name}"), reason)

@@ -14,7 +14,6 @@ Expert Choice) mix tokens only within a group, so one sequence's output never de
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _python_dispatch
 
@@ -85,12 +84,7 @@ class ExpertBank(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to ``x [N, H]`` (a plain reference, used by tests and tools)."""
-        act = ACTIVATIONS[self.activation]
-        h = F.linear(x, self.w1[e], None if self.b1 is None else self.b1[e])
-        h = act(h)
-        if self.w3 is not None:
-            h = h * F.linear(x, self.w3[e], None if self.b3 is None else self.b3[e])
-        return F.linear(h, self.w2[e], None if self.b2 is None else self.b2[e])
+        return ops.expert_ffn(x, e, *self.weights(), self.activation)
 
     def extra_repr(self) -> str:
         kind = "gated " if self.gated else ""
@@ -146,7 +140,11 @@ class MoELayer(nn.Module):
         w1, b1, w3, b3, w2, b2 = self.experts.weights()
         activation = self.experts.activation
         if self.training and self.hidden_dropout > 0:
-            return _moe_ffn_with_dropout(tokens, routing, self.experts, self.hidden_dropout)
+            # Dropout on the expert hidden activations is random: the differentiable reference, not the op.
+            return ops.moe_ffn_reference(
+                tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype),
+                w1, b1, w3, b3, w2, b2, activation, dropout=self.hidden_dropout,
+            )
         if _plain_inference(tokens, routing.combine_weight, self.experts):
             # Eager inference: the kernel itself, on the assignment the router already made (for a dropless
             # top-k router it is exactly the op's own softmax top-k), without the dispatcher round trip.
@@ -198,26 +196,6 @@ def _plain_inference(tokens: torch.Tensor, combine_weight: torch.Tensor, experts
     ):
         return False
     return not _tracing() and _python_dispatch._get_current_dispatch_mode() is None
-
-
-def _moe_ffn_with_dropout(tokens: torch.Tensor, routing: Routing, experts: ExpertBank, p: float) -> torch.Tensor:
-    """Training path with dropout on the expert hidden activations (random, so not the custom op)."""
-    act = ACTIVATIONS[experts.activation]
-    out = tokens.new_zeros(tokens.shape[0], experts.out_features)
-    index, weight = routing.expert_index, routing.combine_weight.to(tokens.dtype)
-    for e in range(experts.num_experts):
-        token, slot = torch.nonzero(index == e, as_tuple=True)
-        if token.numel() == 0:
-            continue
-        x = tokens.index_select(0, token)
-        h = F.linear(x, experts.w1[e], None if experts.b1 is None else experts.b1[e])
-        h = act(h)
-        if experts.w3 is not None:
-            h = h * F.linear(x, experts.w3[e], None if experts.b3 is None else experts.b3[e])
-        h = F.dropout(h, p, training=True)
-        y = F.linear(h, experts.w2[e], None if experts.b2 is None else experts.b2[e])
-        out = out.index_add(0, token, y * weight[token, slot].unsqueeze(-1))
-    return out
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict]:

@@ -37,7 +37,15 @@ import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
 
-__all__ = ["moe_ffn", "moe_ffn_kernel", "moe_ffn_reference", "route_topk", "topk_moe", "topk_moe_reference"]
+__all__ = [
+    "expert_ffn",
+    "moe_ffn",
+    "moe_ffn_kernel",
+    "moe_ffn_reference",
+    "route_topk",
+    "topk_moe",
+    "topk_moe_reference",
+]
 
 
 def route_topk(router_logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +55,44 @@ def route_topk(router_logits: torch.Tensor, k: int, normalize: bool) -> tuple[to
     if normalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return index, weight
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    e: int,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w3: torch.Tensor | None,
+    b3: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Expert ``e`` of a stacked bank applied to rows ``x [N, H]``; differentiable (dropout: training only)."""
+    h = ACTIVATIONS[activation](F.linear(x, w1[e], None if b1 is None else b1[e]))
+    if w3 is not None:
+        h = h * F.linear(x, w3[e], None if b3 is None else b3[e])
+    if dropout > 0:
+        h = F.dropout(h, dropout, training=True)
+    return F.linear(h, w2[e], None if b2 is None else b2[e])
+
+
+def _group_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token-expert assignments grouped by expert: ``(order, token, counts)``.
+
+    ``order [kept]`` indexes the flattened ``[T*k]`` assignments, expert by expert; ``token [kept]`` is the
+    token of each; ``counts [E]`` how many each expert got. Dropped assignments (-1) are left out.
+    """
+    k = expert_index.shape[1]
+    flat_expert = expert_index.reshape(-1)  # [T*k]
+    # Dropped assignments sort into an extra bucket past the last expert, which is then cut off.
+    flat_expert = torch.where(flat_expert < 0, num_experts, flat_expert)
+    order = torch.sort(flat_expert, stable=True)[1]
+    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
+    order = order[: len(order) - counts[num_experts]]
+    token = torch.div(order, k, rounding_mode="floor")
+    return order, token, counts[:num_experts]
 
 
 def moe_ffn_reference(
@@ -60,38 +106,21 @@ def moe_ffn_reference(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     activation: str,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Grouped expert FFN for a given assignment; differentiable, used as the eager kernel."""
-    act = ACTIVATIONS[activation]
-    num_tokens, k = expert_index.shape
-    num_experts = w1.shape[0]
-    out_features = w2.shape[1]
-    flat_expert = expert_index.reshape(-1)  # [T*k]
-    # Dropped assignments (-1) sort into an extra bucket past the last expert and are never computed.
-    flat_expert = torch.where(flat_expert < 0, torch.full_like(flat_expert, num_experts), flat_expert)
-    order = torch.argsort(flat_expert, stable=True)  # [T*k], grouped by expert
-    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
-    kept = len(order) - counts[num_experts]
-    order = order[:kept]
-    token = torch.div(order, k, rounding_mode="floor")  # [kept]
+    """Grouped expert FFN for a given assignment; differentiable (the op's backward and the dropout path)."""
+    out = x.new_zeros(expert_index.shape[0], w2.shape[1])
+    order, token, counts = _group_by_expert(expert_index, w1.shape[0])
+    if not len(order):
+        return out
     x_sorted = x.index_select(0, token)  # [kept, H]
     outputs = []
     start = 0
-    for e in range(num_experts):
-        count = counts[e]
-        if count == 0:
-            continue
-        segment = x_sorted[start : start + count]
-        h = F.linear(segment, w1[e], None if b1 is None else b1[e])
-        if w3 is None:
-            h = act(h)
-        else:
-            h = act(h) * F.linear(segment, w3[e], None if b3 is None else b3[e])
-        outputs.append(F.linear(h, w2[e], None if b2 is None else b2[e]))
-        start += count
-    out = x.new_zeros(num_tokens, out_features)
-    if not outputs:
-        return out
+    for e, count in enumerate(counts):
+        if count:
+            segment = x_sorted[start : start + count]
+            outputs.append(expert_ffn(segment, e, w1, b1, w3, b3, w2, b2, activation, dropout))
+            start += count
     y = torch.cat(outputs, dim=0)  # [kept, O]
     gate = combine_weight.reshape(-1).index_select(0, order).to(y.dtype)
     return out.index_add(0, token, y * gate.unsqueeze(-1))
@@ -114,8 +143,7 @@ def moe_ffn_kernel(
     Same arguments and result; ``combine_weight`` is used in ``x``'s dtype.
     """
     act = ACTIVATIONS[activation]
-    num_tokens, k = expert_index.shape
-    num_experts = w1.shape[0]
+    num_tokens = expert_index.shape[0]
     out_features = w2.shape[1]
     if num_tokens == 1:
         # Decoding: k expert calls on one row; no sort, no gather, no scatter.
@@ -126,22 +154,14 @@ def moe_ffn_kernel(
             y = _expert_rows(x, e, w1, b1, w3, b3, w2, b2, act)
             out = y.mul_(gate) if out is None else out.add_(y, alpha=gate)
         return x.new_zeros(1, out_features) if out is None else out
-    flat_expert = expert_index.reshape(-1)  # [T*k]
-    # Dropped assignments (-1) sort into an extra bucket past the last expert and are never computed.
-    flat_expert = torch.where(flat_expert < 0, num_experts, flat_expert)
-    order = torch.sort(flat_expert, stable=True)[1]  # [T*k], grouped by expert
-    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
-    kept = len(order) - counts[num_experts]
     out = x.new_zeros(num_tokens, out_features)
-    if kept == 0:
+    order, token, counts = _group_by_expert(expert_index, w1.shape[0])
+    if not len(order):
         return out
-    order = order[:kept]
-    token = torch.div(order, k, rounding_mode="floor")  # [kept]
     x_sorted = x.index_select(0, token)  # [kept, H]
     gate = combine_weight.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)  # [kept, 1]
     start = 0
-    for e in range(num_experts):
-        count = counts[e]
+    for e, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count

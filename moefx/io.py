@@ -46,6 +46,7 @@ __all__ = [
     "load",
     "load_source",
     "read_example_inputs",
+    "read_json_file",
     "read_recipe",
     "rebuild_source",
     "save",
@@ -368,15 +369,22 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Pa
     return out
 
 
+def read_json_file(path: Path, error: type[MoefxError], missing: str, fix: str = "") -> Any:
+    """Parse the JSON file ``path``; a missing or malformed file raises ``error`` (``missing``, or the parse
+    error followed by ``fix``)."""
+    if not path.exists():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: is not valid JSON ({exc})" + (f"; {fix}" if fix else "")) from None
+
+
 def read_recipe(out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     path = out / "recipe.json"
-    if not path.exists():
-        raise ModelLoadError(f"{out}: not a moefx output directory (no recipe.json); create one with moefx convert")
-    try:
-        recipe = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: is not valid JSON ({exc})") from None
+    recipe = read_json_file(path, ModelLoadError,
+                            f"{out}: not a moefx output directory (no recipe.json); create one with moefx convert")
     if recipe.get("format") != "moefx-recipe" or recipe.get("version") != RECIPE_VERSION:
         raise ModelLoadError(f"{path}: not a moefx recipe of version {RECIPE_VERSION}")
     return recipe

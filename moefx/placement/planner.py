@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from moefx.io import read_json_file
+
 from .eplb import eplb_placement
 from .errors import PlacementError, PlanMismatchError
 from .simulator import expert_fractions, simulate
@@ -110,12 +112,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         path = Path(path)
-        if not path.exists():
-            raise PlanMismatchError(f"{path}: no such plan file; make one with moefx partition")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanMismatchError(f"{path}: is not valid JSON ({exc})") from None
+        data = read_json_file(path, PlanMismatchError, f"{path}: no such plan file; make one with moefx partition")
         return cls.from_dict(data, str(path))
 
     def check_model(self, model) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefx.io import atomic_output_dir
+from moefx.io import atomic_output_dir, read_json_file
 
 from .errors import PlanMismatchError, ShardError
 from .planner import Plan, model_fingerprint
@@ -104,12 +104,9 @@ def write_partition(
 
 def _manifest(out: Path) -> dict[str, Any]:
     path = out / "partition.json"
-    if not path.exists():
-        raise ShardError(f"{out}: not a partition directory (no partition.json); make one with moefx partition")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path}: is not valid JSON ({exc}); run moefx partition again") from None
+    manifest = read_json_file(path, ShardError,
+                              f"{out}: not a partition directory (no partition.json); make one with moefx partition",
+                              "run moefx partition again")
     if manifest.get("format") != _PARTITION_FORMAT:
         raise ShardError(f"{path}: not a moefx partition manifest; run moefx partition again")
     return manifest

@@ -382,7 +382,7 @@ def _non_finite_weights(ffns: list[FoundFFN]) -> list[str]:
         tensors = {"up": m.up_weight, "up bias": m.up_bias, "gate/up": m.gate_up_weight,
                    "gate/up bias": m.gate_up_bias, "down": m.down_weight, "down bias": m.down_bias}
         bad = [f"{name} ({int((~torch.isfinite(t)).sum())} values)" for name, t in tensors.items()
-               if t is not None and not bool(torch.isfinite(t).all())]
+               if t is not None and not t.is_meta and not bool(torch.isfinite(t).all())]
         if bad:
             warnings.append(f"{ffn.name or '(root)'}: non-finite weights in {', '.join(bad)}; its experts "
                             "inherit them (check the checkpoint)")

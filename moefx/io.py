@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .capture import quiet_torch_export
+from .checkpoint import SINGLE_NAME, lazy_state_dict
 from .config import MoEConfig
 from .errors import ModelLoadError, MoefxError, OutputExistsError, UnsafeFileError
 
@@ -107,7 +108,8 @@ def load_source(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> 
     raise ModelLoadError(f"{text}: no such file or directory (nor a package.module:factory callable)")
 
 
-def _load_hf_dir(path: Path) -> ModelSource:
+def _load_hf_config(path: Path, *, parse: bool = True) -> tuple[dict[str, Any], Any]:
+    """``config.json`` of a Hugging Face model directory, as a dict and (``parse``) as a transformers config."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(
@@ -121,9 +123,22 @@ def _load_hf_dir(path: Path) -> ModelSource:
     if not isinstance(config_dict, dict) or "model_type" not in config_dict:
         raise ModelLoadError(f"{config_file}: has no model_type; it is not a transformers config")
     try:
-        import transformers
+        from transformers import AutoConfig
     except ImportError:  # pragma: no cover
         raise ModelLoadError("loading a Hugging Face directory needs transformers: pip install 'moefx[hf]'") from None
+    if not parse:
+        return config_dict, None
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{config_file}: transformers could not read it: {_first_line(exc)}") from None
+    return config_dict, hf_config
+
+
+def _load_hf_dir(path: Path) -> ModelSource:
+    config_dict, _ = _load_hf_config(path, parse=False)
+    import transformers
+
     cls = _hf_class(config_dict)
     from .progress import progress_disabled
 
@@ -255,20 +270,25 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            old.rmdir()
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _move_into_place(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MoefxError(f"{out}: writing failed ({exc.strerror or exc}); nothing was changed") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out``, replacing an existing ``out`` (moved aside first)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent if str(out.parent) else "."))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,9 +349,6 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Pa
     """Write a converted model to the directory ``out`` (see the module docstring). Returns ``out``."""
     from safetensors.torch import save_model
 
-    from . import __version__
-    from .report import render_report_markdown
-
     info = _info(model)
     out = Path(out)
     source = _source_dict(model, info)
@@ -341,32 +358,41 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Pa
             "with moefx.save and extract again after loading, or export the extracted model with export_onnx"
         )
     with atomic_output_dir(out, force=force) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        extra_files = []
-        if source["kind"] == "hf":
-            model.config.to_json_file(str(tmp / "config.json"))
-            extra_files.append("config.json")
-        if source["kind"] == "pt2" and source.get("spec"):
-            shutil.copyfile(source["spec"], tmp / "source.pt2")
-            extra_files.append("source.pt2")
-        recipe = {
-            "format": "moefx-recipe",
-            "version": RECIPE_VERSION,
-            "moefx": __version__,
-            "torch": torch.__version__.split("+")[0],
-            "source": source,
-            "config": info.config.to_dict(),
-            "layers": [{k: d[k] for k in ("name", "moe", "rule", "activation", "gated", "in_features",
-                                            "hidden_features", "out_features", "experts", "expert_size", "capture")}
-                       for d in info.layers],
-            "example_inputs": _write_inputs(info.inputs, tmp),
-            "files": ["model.safetensors", *extra_files],
-        }
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
-        report = info.report()
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / "report.md").write_text(render_report_markdown(report))
+        save_model(model, str(tmp / SINGLE_NAME))
+        write_metadata_files(model, info, source, tmp, [SINGLE_NAME])
     return out
+
+
+def write_metadata_files(model: nn.Module, info, source: dict[str, Any], tmp: Path, weight_files: list[str]) -> None:
+    """Everything of an output directory but the weights: recipe.json, the report, the example inputs and
+    what the source needs to be rebuilt. ``weight_files`` are the weight files already in ``tmp``."""
+    from . import __version__
+    from .report import render_report_markdown
+
+    extra_files = []
+    if source["kind"] == "hf":
+        model.config.to_json_file(str(tmp / "config.json"))
+        extra_files.append("config.json")
+    if source["kind"] == "pt2" and source.get("spec"):
+        shutil.copyfile(source["spec"], tmp / "source.pt2")
+        extra_files.append("source.pt2")
+    recipe = {
+        "format": "moefx-recipe",
+        "version": RECIPE_VERSION,
+        "moefx": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "source": source,
+        "config": info.config.to_dict(),
+        "layers": [{k: d[k] for k in ("name", "moe", "rule", "activation", "gated", "in_features",
+                                        "hidden_features", "out_features", "experts", "expert_size", "capture")}
+                   for d in info.layers],
+        "example_inputs": _write_inputs(info.inputs, tmp),
+        "files": [*weight_files, *extra_files],
+    }
+    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    report = info.report()
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (tmp / "report.md").write_text(render_report_markdown(report))
 
 
 def read_json_file(path: Path, error: type[MoefxError], missing: str, fix: str = "") -> Any:
@@ -390,27 +416,42 @@ def read_recipe(out: str | os.PathLike) -> dict[str, Any]:
     return recipe
 
 
-def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a converted model saved with :func:`save`.
+def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote_code: bool = False,
+         lazy: bool = True) -> nn.Module:
+    """Rebuild a converted model saved with :func:`save` or a streamed conversion.
+
+    The weights are one ``model.safetensors`` or Hugging Face shards with ``model.safetensors.index.json``.
+    With ``lazy`` (the default) a model converted from a Hugging Face directory is built without weights
+    (parameters on the meta device) and its tensors are memory-mapped from the files: loading reads almost
+    nothing, and pages are read when a weight is first used. Other sources, and ``model=``, copy the weights
+    into the rebuilt model.
 
     Args:
         out: the directory ``save`` wrote.
         model: the dense model to convert again, for models given to ``convert`` as plain ``nn.Module``
             objects that moefx cannot rebuild itself; its weights are replaced by the saved ones.
         trust_remote_code: allow rebuilding from a pickled ``.pt`` source.
+        lazy: memory-map the weights where the source allows it (see above).
     """
-    from safetensors.torch import load_model
-
     from .convert import convert
 
     out = Path(out)
     recipe = read_recipe(out)
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out, recipe.get("example_inputs"))
-    dense = model if model is not None else rebuild_source(out, recipe["source"], trust_remote_code)
-    converted = convert(dense, config, *(() if inputs is None else (inputs[0],)),
-                        example_kwargs=None if inputs is None else inputs[1],
+    state, _ = lazy_state_dict(out)
+    lazy = lazy and model is None and recipe["source"].get("kind") == "hf"
+    buffers: dict[str, torch.Tensor] = {}
+    if lazy:
+        dense, buffers = _rebuild_hf_without_weights(out, recipe["source"])
+        run_inputs = pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, inputs)
+    else:
+        dense = model if model is not None else rebuild_source(out, recipe["source"], trust_remote_code)
+        run_inputs = inputs
+    converted = convert(dense, config, *(() if run_inputs is None else (run_inputs[0],)),
+                        example_kwargs=None if run_inputs is None else run_inputs[1],
                         inplace=True, verify=False, initialize=False)
+    converted.moefx_info.inputs = inputs
     got = [d["moe"] for d in converted.moefx_info.layers]
     want = [d["moe"] for d in recipe["layers"]]
     if got != want:
@@ -418,21 +459,115 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
             f"{out}: the rebuilt model's MoE layers ({len(got)}) differ from the recipe's ({len(want)}); "
             "was the source model changed since the conversion?"
         )
-    try:
-        missing, unexpected = load_model(converted, str(out / "model.safetensors"), strict=False)
-    except Exception as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), _first_line(exc))
-        raise ModelLoadError(f"{out}/model.safetensors does not fit the rebuilt model ({detail}); "
-                             "was it converted from another model?") from None
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{out}/model.safetensors does not fit the rebuilt model (missing {list(missing)[:3]}, "
-            f"unexpected {list(unexpected)[:3]})"
-        )
+    _load_weights(converted, state, out, assign=lazy)
+    if lazy:
+        _materialize_buffers(converted, buffers, out)
     converted.moefx_info.source = dict(recipe["source"])
     with contextlib.suppress(NotImplementedError):  # a torch.export program: its mode is baked into the graph
         converted.eval()
     return converted
+
+
+def _weights_name(out: Path) -> str:
+    from .checkpoint import INDEX_NAME
+
+    return f"{out}/{INDEX_NAME if (out / INDEX_NAME).exists() else SINGLE_NAME}"
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], out: Path, *, assign: bool) -> None:
+    """Load ``state`` into ``model``; names saved once for a shared (tied) tensor fill all of its names.
+
+    ``assign``: the model's tensors become the given (memory-mapped) ones; else they are copied in.
+    """
+    expected = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        groups.setdefault(id(t), []).append(name)
+    to_load: dict[str, torch.Tensor] = {}
+    missing = []
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        if not present:
+            missing.extend(names)
+            continue
+        for n in names:
+            to_load[n] = state[present[0]]
+    unexpected = [k for k in state if k not in expected]
+    where = _weights_name(out)
+    if missing or unexpected:
+        raise ModelLoadError(f"{where} does not fit the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict(to_load, strict=True, assign=assign)
+    except Exception as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), _first_line(exc))
+        raise ModelLoadError(f"{where} does not fit the rebuilt model ({detail}); "
+                             "was it converted from another model?") from None
+    if assign:  # one Parameter object per shared group again (assignment gave each name its own)
+        for names in groups.values():
+            if len(names) > 1:
+                first = _get_tensor(model, names[0])
+                for n in names[1:]:
+                    _set_tensor(model, n, first)
+
+
+def _get_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner)
+    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner)
+    (module._parameters if leaf in module._parameters else module._buffers)[leaf] = value
+
+
+def _rebuild_hf_without_weights(out: Path, source: dict[str, Any]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The dense model with meta parameters and meta buffers, and the real buffers by name (a rotary
+    embedding's ``inv_freq``: not saved, computed by the model's constructor)."""
+    from transformers import AutoConfig
+
+    from .hf import build_without_weights
+
+    config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+    cls = _hf_class({"architectures": [source.get("architecture")]})
+    dense = build_without_weights(cls, config, real_buffers=True)
+    buffers = {}
+    for mod_name, module in dense.named_modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                buffers[f"{mod_name}.{key}" if mod_name else key] = buf
+                module._buffers[key] = buf.to("meta")  # the sample pass runs on the meta device
+    return dense, buffers
+
+
+def _materialize_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], out: Path) -> None:
+    """Give the buffers that are not saved (still meta) their real values; sync recapture sources."""
+    from .capture import CapturedModule
+
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                full = f"{mod_name}.{key}" if mod_name else key
+                if full not in buffers:
+                    raise ModelLoadError(f"{out}: buffer {full} is neither saved nor rebuilt; load with lazy=False")
+                module._buffers[key] = buffers[full]
+    for module in model.modules():
+        if isinstance(module, CapturedModule):
+            # The original module a CapturedModule recaptures from shares its children's objects only until a
+            # child was copied; give it the loaded tensors by name.
+            source = module._source
+            for sub_name, sub in source.named_modules():
+                for store in (sub._parameters, sub._buffers):
+                    for key, t in list(store.items()):
+                        if t is None or not t.is_meta or getattr(t, "_moefx_ghost", False):
+                            continue
+                        with contextlib.suppress(AttributeError, KeyError):
+                            store[key] = _get_tensor(module, f"{sub_name}.{key}" if sub_name else key)
+            module._bound.clear()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelLoadError(f"{out}: {left[0]} could not be loaded lazily; load with lazy=False")
 
 
 def rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -> nn.Module:

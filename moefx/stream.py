@@ -1,0 +1,539 @@
+"""Streaming conversion: convert a safetensors checkpoint that is larger than memory, one layer at a time.
+
+The dense-to-MoE rewrite is local to each FFN, so a conversion need not hold the model:
+
+1. **Plan on the meta device** (:func:`plan_stream`). The model is built from ``config.json`` with every
+   tensor on the meta device, captured and converted there (``moefx.convert(..., initialize=False)``: the
+   sample pass, ``symbolic_trace``/``torch.export`` and the FFN rules all run on meta tensors; activations
+   are named by evaluating the captured subgraph on small real probe values, which needs no weight). The
+   checkpoint's headers give every source tensor's place; no weight is read. The plan says, for every
+   tensor of the converted model's state dict, whether it is copied from a source tensor or made by an MoE
+   layer, and which output shard it goes to.
+2. **Stream** (:func:`run_stream`). Output shards are written one at a time, each tensor in the order the
+   file holds it. A copied tensor is read with ``pread`` and written back (cast to the model's dtype where
+   the checkpoint differs), never through a module. An MoE layer is built when its first tensor is due:
+   the FFN's dense tensors are read, an :class:`~moefx.passes.ffn_rules.FFNMatch` is made of them and
+   :func:`moefx.experts.build_moe_layer` builds the layer exactly as ``moefx.convert`` does (any
+   ``MoEConfig.init``, the same seeds), so the output is byte for byte ``moefx.convert`` + ``moefx.save``.
+   Its tensors are dropped as soon as they are written.
+3. **Resume.** Work happens in ``.<out>.partial/`` next to ``out``. A shard is written to ``<name>.tmp``
+   and renamed when complete; its sha256 goes to ``stream-state.json`` (written atomically). A rerun with
+   the same source and config keeps finished shards whose checksum verifies and redoes the rest; the
+   directory is renamed to ``out`` only when everything, recipe included, is written.
+
+Hugging Face model directories (``config.json`` + ``model.safetensors`` or shards with an index) are
+supported; the output directory is what :func:`moefx.save` writes (shards + index when larger than one shard)
+and loads with :func:`moefx.load`, lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    INDEX_NAME,
+    ShardWriter,
+    TensorEntry,
+    checkpoint_files,
+    read_header,
+    read_tensor,
+    sha256_file,
+    shard_names,
+    write_index,
+)
+from .config import MoEConfig
+from .errors import ModelLoadError, MoefxError, OutputExistsError
+from .progress import progress
+
+__all__ = ["DEFAULT_SHARD_SIZE", "StreamPlan", "StreamResult", "parse_size", "plan_stream", "run_stream",
+           "stream_convert"]
+
+log = logging.getLogger("moefx")
+
+#: Hugging Face's usual shard size.
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+_STATE = "stream-state.json"
+_MATCH_FIELDS = ("up_weight", "up_bias", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
+
+
+class StreamError(MoefxError):
+    """The model cannot be converted by streaming (the message says why and what to do instead)."""
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+    s = text.strip().upper()
+    number = s.rstrip("KMGTIB")
+    try:
+        value = float(number) * units[s[len(number):]]
+    except (ValueError, KeyError):
+        raise MoefxError(f"shard size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+    if value < 1:
+        raise MoefxError(f"shard size {text!r} must be positive")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _View:
+    """How a match tensor is read: a source tensor, optionally as a strided view (Conv1D's transpose, the
+    halves of a fused gate/up projection)."""
+
+    key: str
+    dtype: torch.dtype  # the dense model's dtype for this tensor
+    shape: tuple[int, ...]  # the dense parameter's shape
+    view: tuple[tuple[int, ...], tuple[int, ...], int] | None  # (size, stride, storage offset)
+
+
+@dataclass
+class LayerPlan:
+    """One FFN that becomes an MoE layer: where its dense tensors are and what the layer writes."""
+
+    ffn: Any  # moefx.convert.FoundFFN, with meta tensors in its match
+    index: int  # the layer index moefx.convert gives build_moe_layer (seeds)
+    prefix: str  # the MoE layer's qualified name in the converted model
+    fields: dict[str, _View | None]
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: str | None = None  # a checkpoint key to copy, or
+    layer: str | None = None  # the prefix of the MoE layer that makes it
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class StreamPlan:
+    """Everything a streamed conversion does, decided before any weight is read."""
+
+    source_dir: Path
+    config: MoEConfig
+    model: nn.Module  # the converted model on the meta device (with ``moefx_info``)
+    entries: dict[str, TensorEntry]  # the source checkpoint's tensors
+    tensors: dict[str, OutputTensor]  # output tensors in state-dict order (shared names dropped)
+    layers: dict[str, LayerPlan]
+    shards: list[list[str]]  # output tensor names per shard (state-dict order)
+    shard_files: list[str]
+    metadata: dict[str, str] | None  # shared (tied) names dropped -> the name kept, as save_model records
+    fingerprint: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def shard_of(self, name: str) -> int:
+        return self._shard_index[name]
+
+    def __post_init__(self) -> None:
+        self._shard_index = {name: i for i, names in enumerate(self.shards) for name in names}
+
+
+def _read_source(directory: Path) -> tuple[dict[str, TensorEntry], list[Path]]:
+    files = checkpoint_files(directory)
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        for name, entry in read_header(path)[0].items():
+            if name in entries:
+                raise ModelLoadError(f"{directory}: tensor {name} is in both {entries[name].file.name} and "
+                                     f"{path.name}; the checkpoint is inconsistent")
+            entries[name] = entry
+    return entries, files
+
+
+def _resolve_dtype(hf_config: Any, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """The dtype ``from_pretrained`` gives the model: the config's, else the checkpoint's first float dtype."""
+    dtype = getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for entry in entries.values():
+        if entry.dtype.is_floating_point:
+            return entry.dtype
+    return torch.float32
+
+
+def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, *,
+                max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> StreamPlan:
+    """Plan the streamed conversion of the Hugging Face model directory ``source_dir`` without reading a
+    weight (see the module docstring). Raises :class:`~moefx.errors.MoefxError` for bad input."""
+    from . import __version__
+    from .convert import _analyze, convert
+    from .hf import build_without_weights, dummy_inputs
+    from .io import _hf_class, _load_hf_config
+
+    config = config or MoEConfig()
+    max_shard_size = parse_size(max_shard_size)
+    directory = Path(source_dir)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: streaming converts a Hugging Face model directory (config.json + "
+                             "safetensors weights); no such directory")
+    config_dict, hf_config = _load_hf_config(directory)
+    entries, files = _read_source(directory)
+    cls = _hf_class(config_dict)
+    import transformers
+
+    dtype = _resolve_dtype(hf_config, entries)
+    try:
+        dense = build_without_weights(cls, hf_config, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"{directory}: transformers could not build {cls.__name__} from config.json on the "
+                             f"meta device ({type(exc).__name__}: {exc}); convert without --stream") from None
+    cpu_inputs = dummy_inputs(dense, device="cpu")
+    meta_inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in cpu_inputs.items()}
+
+    # Dense names of every parameter and buffer object (tied weights are one object with several names).
+    names_of: dict[int, list[str]] = {}
+    for name, t in [*dense.named_parameters(remove_duplicate=False), *dense.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(t), []).append(name)
+    objects = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
+    prefix = getattr(dense, "base_model_prefix", "") or ""
+
+    def checkpoint_key(t: torch.Tensor) -> str | None:
+        for name in names_of.get(id(t), []):
+            for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}" if prefix else name):
+                if key in entries:
+                    return key
+        return None
+
+    analysis = _analyze(dense, ((), meta_inputs), config)
+    index_of = {f.name: i for i, f in enumerate(analysis.ffns)}
+    layer_fields: dict[str, dict[str, _View | None]] = {}
+    for ffn in analysis.ffns:
+        if not ffn.selected:
+            continue
+        fields: dict[str, _View | None] = {}
+        for fname in _MATCH_FIELDS:
+            t = getattr(ffn.match, fname)
+            if t is None:
+                fields[fname] = None
+                continue
+            base = t if id(t) in objects else t._base
+            key = checkpoint_key(base) if base is not None and id(base) in objects else None
+            if key is None:
+                raise StreamError(f"{ffn.name or '(root)'}: its {fname.replace('_', ' ')} is not a parameter stored "
+                                  "in the checkpoint, so it cannot be streamed; convert without --stream")
+            view = None if t is base else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
+            fields[fname] = _View(key, base.dtype, tuple(base.shape), view)
+        layer_fields[ffn.name] = fields
+
+    source = {"kind": "hf", "spec": str(directory.resolve()), "class": f"{cls.__module__}:{cls.__qualname__}",
+              "architecture": cls.__name__, "transformers": transformers.__version__}
+    model = convert(dense, config, example_kwargs=meta_inputs, inplace=True, verify=False, initialize=False,
+                    source=source)
+    info = model.moefx_info
+    info.inputs = ((), cpu_inputs)
+
+    layers: dict[str, LayerPlan] = {}
+    for d in info.layers:
+        ffn = next(f for f in analysis.ffns if f.name == d["name"])
+        layers[d["moe"]] = LayerPlan(ffn, index_of[ffn.name], d["moe"], layer_fields[ffn.name])
+
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    # As safetensors.torch.save_model: one name per shared tensor, the others recorded in the metadata.
+    metadata: dict[str, str] = {}
+    dropped: set[str] = set()
+    for names in sorted(sorted(g) for g in groups.values() if len(g) > 1):
+        for other in names[1:]:
+            metadata[other] = names[0]
+            dropped.add(other)
+    tensors: dict[str, OutputTensor] = {}
+    for name, t in state.items():
+        if name in dropped:
+            continue
+        out = OutputTensor(name, t.dtype, tuple(t.shape))
+        layer = next((p for p in layers if name.startswith(p + ".")), None)
+        if layer is not None:
+            out.layer = layer
+            layers[layer].outputs.append(name)
+        else:
+            key = checkpoint_key(t)
+            if key is None:
+                raise StreamError(f"{directory}: the checkpoint has no tensor for {name}, which the model built "
+                                  "from config.json has; is the checkpoint complete? (or convert without --stream)")
+            entry = entries[key]
+            if entry.shape != out.shape:
+                raise ModelLoadError(f"{entry.file}: {key} has shape {list(entry.shape)}, but the model built from "
+                                     f"config.json expects {list(out.shape)}; config.json and the weights disagree")
+            out.source = key
+        tensors[name] = out
+
+    # Shards: in state-dict order, an MoE layer's tensors together, a new shard when the next unit overflows.
+    units: list[list[str]] = []
+    seen_layers: set[str] = set()
+    for name, t in tensors.items():
+        if t.layer is None:
+            units.append([name])
+        elif t.layer not in seen_layers:
+            seen_layers.add(t.layer)
+            units.append(list(layers[t.layer].outputs))
+    shards: list[list[str]] = []
+    size = 0
+    for unit in units:
+        unit_size = sum(tensors[n].nbytes for n in unit)
+        if not shards or (size + unit_size > max_shard_size and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += unit_size
+    shard_files = shard_names(len(shards))
+
+    fingerprint = hashlib.sha256(json.dumps({
+        "moefx": __version__,
+        "torch": torch.__version__,
+        "config": config.to_dict(),
+        "source": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "shards": [[(n, str(tensors[n].dtype), tensors[n].shape) for n in names] for names in shards],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    return StreamPlan(directory, config, model, entries, tensors, layers, shards, shard_files, metadata or None,
+                      fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    out: Path
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    shards_written: int
+    shards_kept: int  # finished shards of an earlier, interrupted run that verified and were kept
+
+
+class _Reader:
+    """Reads source tensors with pread, keeping one descriptor per file; counts bytes."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        self.bytes_read += entry.nbytes
+        return read_tensor(entry, fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class _Producer:
+    """Makes output tensors on demand: copies, or an MoE layer's tensors (built once, dropped once written)."""
+
+    def __init__(self, plan: StreamPlan, reader: _Reader) -> None:
+        self.plan = plan
+        self.reader = reader
+        self.cache: dict[str, torch.Tensor] = {}
+        self.warnings: list[str] = []
+
+    def __call__(self, name: str) -> torch.Tensor:
+        out = self.plan.tensors[name]
+        if out.layer is None:
+            t = self.reader.read(self.plan.entries[out.source])
+            return t.to(out.dtype) if t.dtype != out.dtype else t
+        if name not in self.cache:
+            self._build(self.plan.layers[out.layer])
+        return self.cache.pop(name)
+
+    def _dense(self, view: _View | None) -> torch.Tensor | None:
+        if view is None:
+            return None
+        t = self.reader.read(self.plan.entries[view.key])
+        if tuple(t.shape) != view.shape:
+            raise ModelLoadError(f"{self.plan.source_dir}: {view.key} has shape {list(t.shape)}, the model built "
+                                 f"from config.json expects {list(view.shape)}; config.json and the weights disagree")
+        t = t.to(view.dtype) if t.dtype != view.dtype else t
+        if view.view is not None:
+            size, stride, offset = view.view
+            t = torch.as_strided(t, size, stride, offset)
+        return t
+
+    def _build(self, layer: LayerPlan) -> None:
+        from .convert import _non_finite_weights
+        from .experts import build_moe_layer
+
+        # One read per stored tensor, even when two fields view it (the halves of a fused gate/up projection).
+        loaded: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor | None] = {}
+        for fname, view in layer.fields.items():
+            if view is None:
+                values[fname] = None
+                continue
+            if view.key not in loaded:
+                loaded[view.key] = self._dense(dataclasses.replace(view, view=None))
+            t = loaded[view.key]
+            if view.view is not None:
+                size, stride, offset = view.view
+                t = torch.as_strided(t, size, stride, offset)
+            values[fname] = t
+        match = dataclasses.replace(layer.ffn.match, **values)
+        self.warnings.extend(_non_finite_weights([dataclasses.replace(layer.ffn, match=match)]))
+        moe = build_moe_layer(match, self.plan.config, layer.index, layer.ffn.name)
+        written = set(self.plan.tensors)
+        for key, value in moe.state_dict().items():
+            name = f"{layer.prefix}.{key}"
+            if name in written:
+                self.cache[name] = value.detach()
+
+
+def _partial_dir(out: Path) -> Path:
+    parent = out.parent if str(out.parent) else Path(".")
+    return parent / f".{out.name}.partial"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_work_dir(plan: StreamPlan, work: Path) -> dict[str, Any]:
+    """The resume state in ``work``: finished shards whose checksum verifies; a fresh state otherwise."""
+    state_path = work / _STATE
+    if work.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            state = None
+        if state is not None and state.get("fingerprint") == plan.fingerprint:
+            for tmp in work.glob("*.tmp"):
+                tmp.unlink()
+            kept = {}
+            for name, digest in state.get("done", {}).items():
+                path = work / name
+                if path.exists() and sha256_file(path) == digest:
+                    kept[name] = digest
+                else:
+                    log.warning("moefx: %s of the interrupted conversion is damaged; writing it again", name)
+                    path.unlink(missing_ok=True)
+            state["done"] = kept
+            if kept:
+                log.info("moefx: resuming an interrupted conversion: %d of %d shards already done",
+                         len(kept), len(plan.shard_files))
+            _write_json_atomic(state_path, state)
+            return state
+        log.warning("moefx: %s holds an interrupted conversion of another model or config; starting over", work)
+        shutil.rmtree(work)
+    work.mkdir()
+    state = {"fingerprint": plan.fingerprint, "done": {}, "warnings": []}
+    _write_json_atomic(state_path, state)
+    return state
+
+
+def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
+               crash_after_shards: int | None = None) -> StreamResult:
+    """Carry out ``plan``, writing the converted model to the directory ``out`` (see the module docstring).
+
+    ``crash_after_shards`` raises ``KeyboardInterrupt`` after that many shards were written in this run
+    (for tests of resume; a real interruption is the same).
+    """
+    from .io import _move_into_place, write_metadata_files
+
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MoefxError(f"{out}: cannot write to {parent} (not a writable directory); choose a writable output path")
+    work = _partial_dir(out)
+    state = _prepare_work_dir(plan, work)
+    reader = _Reader()
+    producer = _Producer(plan, reader)
+    done = state["done"]
+    todo = [i for i, f in enumerate(plan.shard_files) if f not in done]
+    total = sum(plan.tensors[n].nbytes for i in todo for n in plan.shards[i])
+    written = shards_written = 0
+    try:
+        with progress(total=total, desc="streaming", unit="B", unit_scale=True) as bar:
+            for i in todo:
+                file = plan.shard_files[i]
+                names = plan.shards[i]
+                metadata = {k: v for k, v in (plan.metadata or {}).items() if v in names} or None
+                writer = ShardWriter(work / file, {n: (plan.tensors[n].dtype, plan.tensors[n].shape) for n in names},
+                                     metadata)
+                try:
+                    for name in list(writer.order):
+                        bar.set_postfix_str(f"{file} {name}", refresh=False)
+                        tensor = producer(name)
+                        writer.write(name, tensor)
+                        bar.update(plan.tensors[name].nbytes)
+                        del tensor
+                    digest = writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+                written += writer.bytes_written
+                shards_written += 1
+                done[file] = digest
+                state["warnings"] = list(dict.fromkeys([*state.get("warnings", []), *producer.warnings]))
+                _write_json_atomic(work / _STATE, state)
+                if crash_after_shards is not None and shards_written >= crash_after_shards:
+                    raise KeyboardInterrupt(f"simulated crash after {shards_written} shards")
+    finally:
+        reader.close()
+    for warning in producer.warnings:
+        log.warning("moefx: warning: %s", warning)
+    weight_files = list(plan.shard_files)
+    if len(plan.shard_files) > 1:
+        weight_map = {n: plan.shard_files[i] for i, names in enumerate(plan.shards) for n in names}
+        write_index(work / INDEX_NAME, weight_map, plan.total_bytes)
+        weight_files.append(INDEX_NAME)
+    info = plan.model.moefx_info
+    info.warnings = list(dict.fromkeys([*info.warnings, *state.get("warnings", [])]))
+    info.seconds = time.perf_counter() - start
+    (work / _STATE).unlink()
+    write_metadata_files(plan.model, info, info.source, work, weight_files)
+    _move_into_place(work, out)
+    return StreamResult(out, time.perf_counter() - start, reader.bytes_read, written, shards_written,
+                        len(plan.shard_files) - len(todo))
+
+
+def stream_convert(source_dir: str | os.PathLike, out: str | os.PathLike, config: MoEConfig | None = None, *,
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> StreamResult:
+    """Plan and run a streamed conversion of ``source_dir`` into ``out`` (resuming an interrupted one)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it")
+    plan = plan_stream(source_dir, config, max_shard_size=max_shard_size)
+    return run_stream(plan, out, force=force)

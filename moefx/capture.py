@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .passes.ffn_pass import rewrite_with_layers
 from .passes.ffn_rules import is_conv1d
@@ -383,7 +384,8 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
         model.eval()
         for p in frozen:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves((args, kwargs)))
+        with torch.enable_grad(), _MetaScalars() if on_meta else contextlib.nullcontext():
             out = model(*args, **kwargs)
         record.output = pytree.tree_map(_detach, out)
         memo: dict[int, set[str] | None] = {}
@@ -398,6 +400,18 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
             p.requires_grad_(False)
         model.train(was_training)
     return record
+
+
+class _MetaScalars(TorchDispatchMode):
+    """A sample pass on the meta device (planning a streamed conversion) has no values to read: model code
+    that reads one (``pad_token_id in input_ids``, ``mask.all()`` in input checks) gets 0 / False instead
+    of an error. Only values, never shapes, are made up, and FFNs are found from shapes and the graph."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        return func(*args, **(kwargs or {}))
 
 
 def _detach(x):

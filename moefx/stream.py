@@ -510,6 +510,11 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
                 _write_json_atomic(work / _STATE, state)
                 if crash_after_shards is not None and shards_written >= crash_after_shards:
                     raise KeyboardInterrupt(f"simulated crash after {shards_written} shards")
+    except MoefxError:
+        # Bad input (a config the experts cannot be built with, a damaged checkpoint): the shards would not
+        # be reused with a corrected input, so leave nothing behind.
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         reader.close()
     for warning in producer.warnings:

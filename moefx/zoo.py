@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["TinyTransformer", "tiny_llama", "tiny_transformer"]
+__all__ = ["TinyTransformer", "tiny_llama", "tiny_transformer", "write_random_checkpoint"]
 
 
 def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: int = 256, vocab: int = 256):
@@ -63,3 +63,65 @@ def tiny_transformer(seed: int = 0):
     torch.manual_seed(seed)
     model = TinyTransformer().eval()
     return model, (torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed)),)
+
+
+def write_random_checkpoint(directory, config, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            max_shard_size: int = 5 * 1000**3, std: float = 0.02) -> int:
+    """Write a Hugging Face model directory for the transformers ``config`` with random weights, tensor by
+    tensor (never the whole model in memory): ``config.json`` and safetensors shards with an index, as
+    ``save_pretrained`` lays them out. Matrices are N(0, std), vectors (norms) are ones. Returns the bytes
+    of weights written.
+
+    Values are slices of one random pool at random offsets, so a 13 GB checkpoint takes seconds to make.
+    """
+    from pathlib import Path
+
+    from .checkpoint import INDEX_NAME, ShardWriter, shard_names, write_index
+    from .hf import build_without_weights
+    from .io import _hf_class
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.dtype = dtype
+    cls = _hf_class({"architectures": getattr(config, "architectures", None) or []})
+    model = build_without_weights(cls, config, dtype=dtype)
+    state = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    tensors = {}
+    for name, t in state.items():
+        if id(t) in seen:  # a tied weight is stored once
+            continue
+        seen.add(id(t))
+        tensors[name] = (dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (dt, shape) in tensors.items():
+        nbytes = torch.empty((), dtype=dt).element_size() * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = shard_names(len(shards))
+    gen = torch.Generator().manual_seed(seed)
+    largest = max(int(torch.Size(s).numel()) for _, s in tensors.values())
+    pool = (torch.randn(min(largest, 1 << 24) + 1, generator=gen) * std).to(dtype)
+    total = 0
+    for file, names in zip(files, shards):
+        writer = ShardWriter(directory / file, {n: tensors[n] for n in names})
+        for name in list(writer.order):
+            dt, shape = tensors[name]
+            n = int(torch.Size(shape).numel())
+            if len(shape) == 1:
+                value = torch.ones(shape, dtype=dt)
+            else:
+                start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+                reps = -(-(start + n) // pool.numel())
+                value = (pool.repeat(reps)[start:start + n] if reps > 1 else pool[start:start + n]).reshape(shape)
+            writer.write(name, value.to(dt))
+            total += value.numel() * value.element_size()
+        writer.commit()
+    if len(files) > 1:
+        write_index(directory / INDEX_NAME, {n: f for f, names in zip(files, shards) for n in names}, total)
+    config.save_pretrained(str(directory))
+    return total

@@ -23,6 +23,7 @@ _EXAMPLES = """examples:
   moefx convert my_pkg.models:build --last 4 -o out/                               V-MoE style
   moefx convert vit_dir/ --router soft -o out/                                     Soft MoE
   moefx convert t5_dir/ --router task --num-tasks 3 -o out/                        Task-MoE
+  moefx convert llama-7b/ --stream --init random --expert-size 1376 -o out/        larger than memory
 """
 
 #: MoEConfig field -> the flag that sets it (used to phrase config errors in CLI terms).
@@ -66,6 +67,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="output directory (default: MODEL name + '-moe' in the current directory)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    parser.add_argument("--stream", action="store_true",
+                        help="convert a Hugging Face safetensors directory one layer at a time, in bounded memory "
+                             "(resumes an interrupted run)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="--stream: largest output shard (default 5GB)")
     routing = parser.add_argument_group("routing")
     routing.add_argument("--router", default="topk", help=f"router: {', '.join(ROUTERS)} (default topk)")
     routing.add_argument("--experts", type=int, default=8, metavar="E", help="experts per MoE layer (default 8)")
@@ -160,6 +166,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
     check_output_parent(out)
+    if args.stream:
+        from .stream import run_streamed
+
+        try:
+            return run_streamed(args, config, out)
+        except ConfigError as exc:
+            raise ConfigError(_in_flag_terms(str(exc))) from None
     source = load_source(args.model, trust_remote_code=args.trust_remote_code)
     inputs = source.example_inputs or (None, None)
     try:

@@ -1,0 +1,247 @@
+"""Streaming conversion (moefx.stream): byte equality with convert + save, shards, lazy load, resume, memory."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as safetensors_save
+
+import moefx
+from moefx.checkpoint import ShardWriter, lazy_state_dict
+from moefx.cli import main
+from moefx.io import load_source
+from moefx.stream import plan_stream, run_stream
+from moefx.zoo import write_random_checkpoint
+
+REPORTS = {"report.json", "report.md"}  # hold timings and the dense-vs-MoE check, so they differ run to run
+
+
+def _llama_config(tied: bool = False, **kw):
+    import transformers as tf
+
+    args = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, vocab_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                tie_word_embeddings=tied, architectures=["LlamaForCausalLM"])
+    args.update(kw)
+    return tf.LlamaConfig(**args)
+
+
+def _hf_dir(root: Path, name: str, dtype=torch.bfloat16) -> Path:
+    """A small Hugging Face model directory written by save_pretrained (random weights)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "llama":
+        model = tf.LlamaForCausalLM(_llama_config())
+    elif name == "llama-tied":
+        model = tf.LlamaForCausalLM(_llama_config(tied=True))
+    elif name == "gpt2":  # Conv1D: weights stored transposed, read through a strided view
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, bos_token_id=0,
+                                                 eos_token_id=0, pad_token_id=0))
+    elif name == "phi3":  # one fused gate_up projection, split into two halves
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=64, vocab_size=96,
+                                                 bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    model = model.to(dtype).eval()
+    model.config.dtype = dtype
+    path = root / name
+    model.save_pretrained(path)
+    return path
+
+
+def _in_memory(src: Path, out: Path, config: moefx.MoEConfig) -> torch.nn.Module:
+    """What `moefx convert` does without --stream."""
+    source = load_source(src)
+    model = moefx.convert(source.model, config, None, example_kwargs=None, inplace=True, source=source.to_dict())
+    moefx.save(model, out)
+    return model
+
+
+def _same_files(a: Path, b: Path, skip=REPORTS) -> list[str]:
+    names = sorted(set(os.listdir(a)) | set(os.listdir(b)))
+    return [n for n in names if n not in skip and not (
+        (a / n).exists() and (b / n).exists() and filecmp.cmp(a / n, b / n, shallow=False))]
+
+
+def test_shard_writer_writes_what_safetensors_writes(tmp_path):
+    tensors = {"w.b": torch.randn(3, 2).bfloat16(), "w.a": torch.randn(4), "ids": torch.arange(5),
+               "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]), "h": torch.randn(2).half(),
+               "i32": torch.ones(2, dtype=torch.int32), "u8": torch.ones(3, dtype=torch.uint8)}
+    for metadata in (None, {"lm_head.weight": "embed.weight"}):
+        writer = ShardWriter(tmp_path / "x.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
+                             metadata)
+        for name in list(writer.order):
+            writer.write(name, tensors[name])
+        writer.commit()
+        assert (tmp_path / "x.safetensors").read_bytes() == safetensors_save(tensors, metadata=metadata)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(("arch", "init"), [("llama", "upcycle"), ("llama", "random"), ("llama-tied", "upcycle"),
+                                            ("gpt2", "random"), ("phi3", "upcycle")])
+def test_streamed_output_equals_in_memory_conversion_byte_for_byte(tmp_path, arch, init):
+    src = _hf_dir(tmp_path, arch)
+    config = moefx.MoEConfig(num_experts=4, top_k=2, init=init, expert_size=16 if init == "random" else None, seed=3)
+    _in_memory(src, tmp_path / "memory", config)
+    plan = plan_stream(src, config)
+    result = run_stream(plan, tmp_path / "streamed")
+    assert result.shards_written == 1 and result.bytes_read > 0
+    assert sorted(os.listdir(tmp_path / "memory")) == sorted(os.listdir(tmp_path / "streamed"))
+    assert _same_files(tmp_path / "memory", tmp_path / "streamed") == []  # model.safetensors, recipe, config...
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_sharded_output_loads_lazily_with_the_same_tensors_and_outputs(tmp_path):
+    src = _hf_dir(tmp_path, "llama-tied")
+    config = moefx.MoEConfig(num_experts=4, init="random", expert_size=16)
+    memory = _in_memory(src, tmp_path / "memory", config)
+    plan = plan_stream(src, config, max_shard_size="20KB")
+    run_stream(plan, tmp_path / "streamed")
+    out = tmp_path / "streamed"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == len(plan.shard_files) > 2
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert set(shards) | {"model.safetensors.index.json", "config.json"} == set(recipe["files"])
+    streamed, _ = lazy_state_dict(out)
+    for name, value in memory.state_dict().items():
+        if name in streamed:
+            assert torch.equal(streamed[name].view(torch.uint8), value.contiguous().view(torch.uint8)), name
+    loaded = moefx.load(out)
+    sizes = {os.path.getsize(out / f) for f in shards}
+    assert all(p.untyped_storage().nbytes() in sizes for p in loaded.parameters())  # views of mapped files
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, memory(ids).logits)
+    eager = moefx.load(out, lazy=False)
+    with torch.no_grad():
+        assert torch.equal(eager(ids).logits.to(torch.bfloat16), memory(ids).logits)
+
+
+def test_resume_after_a_crash_gives_the_same_bytes(tmp_path):
+    src = tmp_path / "src"
+    write_random_checkpoint(src, _llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                               vocab_size=128), max_shard_size=40_000)
+    config = moefx.MoEConfig(num_experts=4, init="random", expert_size=32)
+    run_stream(plan_stream(src, config, max_shard_size="30KB"), tmp_path / "reference")
+
+    plan = plan_stream(src, config, max_shard_size="30KB")
+    assert len(plan.shard_files) >= 4
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(plan, tmp_path / "out", crash_after_shards=3)
+    partial = tmp_path / ".out.partial"
+    assert not (tmp_path / "out").exists() and partial.is_dir()
+    done = json.loads((partial / "stream-state.json").read_text())["done"]
+    assert len(done) == 3 and not list(partial.glob("*.tmp"))
+    # A crash in the middle of a shard leaves only a .tmp file; a damaged finished shard is written again.
+    (partial / f"{plan.shard_files[3]}.tmp").write_bytes(b"half a shard")
+    damaged = partial / plan.shard_files[1]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
+
+    result = run_stream(plan_stream(src, config, max_shard_size="30KB"), tmp_path / "out")
+    assert result.shards_kept == 2 and result.shards_written == len(plan.shard_files) - 2
+    assert not partial.exists()
+    assert _same_files(tmp_path / "reference", tmp_path / "out") == []
+
+
+def test_a_partial_conversion_of_another_config_is_started_over(tmp_path):
+    src = _hf_dir(tmp_path, "llama")
+    config = moefx.MoEConfig(num_experts=4, init="random", expert_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(plan_stream(src, config, max_shard_size="20KB"), tmp_path / "out", crash_after_shards=1)
+    other = config.replace(seed=1)
+    result = run_stream(plan_stream(src, other, max_shard_size="20KB"), tmp_path / "out")
+    assert result.shards_kept == 0
+    run_stream(plan_stream(src, other, max_shard_size="20KB"), tmp_path / "fresh")
+    assert _same_files(tmp_path / "fresh", tmp_path / "out") == []
+
+
+def _cli(args, capsys):
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_cli_stream_and_bad_inputs(tmp_path, capsys):
+    src = _hf_dir(tmp_path, "llama")
+    rc, err = _cli(["convert", str(src), "--stream", "-q", "--max-shard-size", "20KB", "-o", str(tmp_path / "out")],
+                   capsys)
+    assert rc == 0, err
+    assert moefx.load(tmp_path / "out") is not None
+
+    def bad(args, pattern):
+        rc, err = _cli(["convert", *args, "--stream", "-q", "-o", str(tmp_path / "bad")], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert pattern in lines[0], lines[0]
+        assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
+
+    bad([str(tmp_path / "missing")], "no such directory")
+    bad([str(src), "--max-shard-size", "lots"], "is not a size")
+    bad([str(src), "--init", "upcycle", "--expert-size", "3"], "--expert-size must be None or 64")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((src / "config.json").read_text())
+    bad([str(no_weights)], "has no model.safetensors")
+    wrong = tmp_path / "wrong-shape"
+    wrong.mkdir()
+    (wrong / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    bad([str(wrong)], "config.json and the weights disagree")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((src / "config.json").read_text())
+    (truncated / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-100])
+    bad([str(truncated)], "truncated")
+
+
+_CAPPED = textwrap.dedent("""
+    import resource, sys
+    cap = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    from moefx.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+_BASELINE = textwrap.dedent("""
+    import moefx.cli, moefx.stream, transformers, torch
+    from transformers.models.llama import modeling_llama
+    status = open("/proc/self/status").read()
+    print(int(status.split("VmData:")[1].split()[0]) * 1024)
+""")
+
+
+@pytest.mark.slow
+def test_streaming_converts_a_model_larger_than_its_memory_cap(tmp_path):
+    """RLIMIT_DATA (heap and anonymous memory) at the interpreter's own footprint + 300 MB: the streamed
+    conversion of a 400 MB checkpoint fits; the in-memory one cannot even load the model."""
+    src = tmp_path / "src"
+    size = write_random_checkpoint(src, _llama_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                                                      num_attention_heads=8, num_key_value_heads=8,
+                                                      vocab_size=32000), max_shard_size=200_000_000)
+    assert size > 380e6
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEFX_QUIET": "1"}
+    baseline = int(subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True, text=True, env=env,
+                                  check=True).stdout)
+    cap = baseline + 300 * 2**20
+    args = ["convert", str(src), "-q", "--init", "random", "--expert-size", "512"]
+    streamed = subprocess.run([sys.executable, "-c", _CAPPED, str(cap), *args, "--stream", "--max-shard-size", "100MB",
+                               "-o", str(tmp_path / "streamed")], capture_output=True, text=True, env=env)
+    assert streamed.returncode == 0, streamed.stderr
+    in_memory = subprocess.run([sys.executable, "-c", _CAPPED, str(cap), *args, "-o", str(tmp_path / "memory")],
+                               capture_output=True, text=True, env=env)
+    assert in_memory.returncode != 0 and not (tmp_path / "memory").exists()
+    loaded = moefx.load(tmp_path / "streamed")
+    assert len(moefx.moe_layers(loaded)) == 8
+    with torch.no_grad():
+        logits = loaded(torch.randint(0, 32000, (1, 6))).logits
+    assert torch.isfinite(logits.float()).all()

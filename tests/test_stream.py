@@ -245,3 +245,36 @@ def test_streaming_converts_a_model_larger_than_its_memory_cap(tmp_path):
     with torch.no_grad():
         logits = loaded(torch.randint(0, 32000, (1, 6))).logits
     assert torch.isfinite(logits.float()).all()
+
+
+def test_layerwise_runner_sees_what_a_full_forward_sees_one_layer_in_memory_at_a_time(tmp_path):
+    from moefx.layerwise import LayerwiseRunner
+
+    src = _hf_dir(tmp_path, "llama", dtype=torch.float32)
+    batches = [torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runner = LayerwiseRunner(src)
+    assert runner.stack_name == "model.layers" and len(runner.blocks) == 3
+    seen, resident = {}, []
+
+    def on_ffn(a):
+        seen[(a.name, a.batch)] = (a.inputs.clone(), a.hidden.clone())
+        resident.append(sum(not p.is_meta for p in runner.model.model.layers.parameters()))
+
+    ends = []
+    runner.run(batches, on_ffn, lambda index, names: ends.append((index, names)))
+    assert ends == [(i, [f"model.layers.{i}.mlp"]) for i in range(3)]
+    assert set(resident) == {len(list(runner.model.model.layers[0].parameters()))}  # one layer at a time
+    assert all(p.is_meta for p in runner.model.parameters())  # everything released
+
+    reference = load_source(src).model
+    expected = {}
+    for i, layer in enumerate(reference.model.layers):
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a, i=i: expected.setdefault(i, {}).update(x=a[0]))
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: expected.setdefault(i, {}).update(h=a[0]))
+    for b, ids in enumerate(batches):
+        with torch.no_grad():
+            reference(input_ids=ids, use_cache=False)
+        for i in range(3):
+            inputs, hidden = seen[(f"model.layers.{i}.mlp", b)]
+            torch.testing.assert_close(inputs, expected[i]["x"].reshape(-1, 32), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(hidden, expected[i]["h"].reshape(-1, 64), rtol=1e-5, atol=1e-6)

@@ -15,10 +15,13 @@ moefx reads and writes safetensors files itself where it must not hold a whole f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +208,31 @@ class ShardWriter:
         self._next = 0
         self._hash = hashlib.sha256()
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
-        self._write(head)
+        # Hashing and writing release the GIL: a thread does them while the caller makes the next tensor.
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"moefx-write-{self.path.name}", daemon=True)
+        self._thread.start()
+        self._queue.put(head)
         self.bytes_written = len(head)
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(memoryview(item.numpy()) if isinstance(item, torch.Tensor) else item)
+                except BaseException as exc:
+                    self._error = exc
+
+    def _finish_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     @property
     def next_name(self) -> str | None:
@@ -223,16 +249,19 @@ class ShardWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
                                f"the header says {dtype} {tuple(shape)}")
+        if self._error is not None:
+            self._finish_thread()
         flat = tensor.detach().contiguous().reshape(-1)
         if flat.numel():
-            data = memoryview(flat.view(torch.uint8).numpy())
-            self._write(data)
-            self.bytes_written += len(data)
+            data = flat.view(torch.uint8)
+            self._queue.put(data)
+            self.bytes_written += data.numel()
         self._next += 1
 
     def commit(self) -> str:
         if self.next_name is not None:
             raise RuntimeError(f"{self.path.name}: {len(self.order) - self._next} tensors not written")
+        self._finish_thread()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -240,6 +269,8 @@ class ShardWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._finish_thread()
         if not self._file.closed:
             self._file.close()
         self.tmp.unlink(missing_ok=True)

@@ -278,3 +278,19 @@ def test_layerwise_runner_sees_what_a_full_forward_sees_one_layer_in_memory_at_a
             inputs, hidden = seen[(f"model.layers.{i}.mlp", b)]
             torch.testing.assert_close(inputs, expected[i]["x"].reshape(-1, 32), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(hidden, expected[i]["h"].reshape(-1, 64), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_dense_weights_are_reported_as_in_memory(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(_llama_config()).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "src")
+    config = moefx.MoEConfig(num_experts=4)
+    _in_memory(tmp_path / "src", tmp_path / "memory", config)
+    run_stream(plan_stream(tmp_path / "src", config), tmp_path / "streamed")
+    warnings = [json.loads((tmp_path / d / "report.json").read_text())["warnings"] for d in ("memory", "streamed")]
+    assert warnings[0] == warnings[1] and "model.layers.1.mlp: non-finite weights" in warnings[0][0]
+    assert _same_files(tmp_path / "memory", tmp_path / "streamed") == []

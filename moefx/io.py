@@ -12,7 +12,9 @@ A MODEL given to the CLI is one of:
 ``model.safetensors`` (all weights), ``recipe.json`` (source, config, converted layers, versions),
 ``report.json`` + ``report.md``, the example inputs, and what the source needs to be rebuilt (``config.json``
 for Hugging Face models, ``source.pt2`` for programs). ``load(out)`` rebuilds the dense model from the same
-source, converts it again with the recipe's config (without initialising experts), and loads the weights.
+source, converts it again with the recipe's config (without initialising experts), and loads the weights:
+memory-mapped, for Hugging Face sources (built on the meta device), from ``model.safetensors`` or from the
+shards and ``model.safetensors.index.json`` a streamed conversion (:mod:`moefx.stream`) writes.
 """
 
 from __future__ import annotations

@@ -172,13 +172,16 @@ def _hf_failure(exc: BaseException, records: list) -> str:
     """transformers' error in one line; for shape mismatches (which it explains only in its load report) the
     first mismatching weight."""
     text = _first_line(exc)
-    if "report" in text:
-        for record in records:
-            for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
-                cells = [cell.strip() for cell in line.split("|")]
-                if len(cells) >= 3 and cells[1] == "MISMATCH":
-                    return f"{cells[0]}: {cells[-1]} (config.json does not fit the weights)"
-    return text
+    if "report" not in text:
+        return text
+    for record in records:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+            cells = [cell.strip() for cell in line.split("|")]
+            if len(cells) >= 3 and cells[1] == "MISMATCH":
+                return f"{cells[0]}: {cells[-1]} (config.json does not fit the weights)"
+    if "ignore_mismatched_sizes" in text:  # the report was not logged (transformers' verbosity is error)
+        return "weight shapes differ from those config.json describes (config.json does not fit the weights)"
+    return re.sub(r"\s*For details look at the .*report!?", "", text)  # a report we do not show
 
 
 def _hf_class(config_dict: dict[str, Any]):

@@ -466,7 +466,8 @@ def hf_config_mismatch(ws, command):
     path = _hf_copy(ws)
     config = json.loads((path / "config.json").read_text())
     ws.write("hf/config.json", json.dumps({**config, "intermediate_size": 48}))
-    return expect(ws.read(command, path), ModelLoadError, "hf", "could not load")
+    return expect(ws.read(command, path), ModelLoadError, "hf", "could not load",
+                  "config.json does not fit the weights", cli_says=["size mismatch"])
 
 
 @case("HF directory with truncated weights", "convert", "inspect")

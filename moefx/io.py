@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .capture import quiet_torch_export
-from .checkpoint import SINGLE_NAME, lazy_state_dict
+from .checkpoint import SINGLE_NAME, checkpoint_files, lazy_state_dict
 from .config import MoEConfig
 from .errors import ModelLoadError, MoefxError, OutputExistsError, UnsafeFileError
 
@@ -46,6 +47,8 @@ __all__ = [
     "RECIPE_VERSION",
     "ModelSource",
     "atomic_output_dir",
+    "atomic_write_text",
+    "check_safetensors",
     "load",
     "load_source",
     "read_example_inputs",
@@ -53,6 +56,7 @@ __all__ = [
     "read_recipe",
     "rebuild_source",
     "save",
+    "write_failure",
 ]
 
 RECIPE_VERSION = 1
@@ -146,13 +150,55 @@ def _load_hf_dir(path: Path) -> ModelSource:
 
     if progress_disabled():
         transformers.utils.logging.disable_progress_bar()
-    try:
-        model = cls.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: transformers could not load the model: {_first_line(exc)}") from None
+    with _held_transformers_logs() as records:
+        try:
+            model = cls.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:
+            detail = _hf_failure(exc, records)
+            records.clear()  # the one line below says what went wrong; transformers' report would bury it
+            raise ModelLoadError(f"{path}: transformers could not load the model: {detail}; check config.json "
+                                 "and the weights") from None
     model.eval()
     return ModelSource("hf", str(path.resolve()), model, None, {"architecture": cls.__name__,
                                                                   "transformers": transformers.__version__})
+
+
+@contextlib.contextmanager
+def _held_transformers_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what transformers logs while loading; it is passed on afterwards unless the list was cleared
+    (a failed load becomes one line; transformers' many-line load report would bury it)."""
+    logger = logging.getLogger("transformers")
+    records: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    hold = _Hold()
+    logger.handlers, logger.propagate = [hold], False
+    try:
+        yield records
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        for record in records:
+            logger.handle(record)
+
+
+def _hf_failure(exc: BaseException, records: list) -> str:
+    """transformers' error in one line; for shape mismatches (which it explains only in its load report) the
+    first mismatching weight."""
+    text = _first_line(exc)
+    if "report" not in text:
+        return text
+    for record in records:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+            cells = [cell.strip() for cell in line.split("|")]
+            if len(cells) >= 3 and cells[1] == "MISMATCH":
+                return f"{cells[0]}: {cells[-1]} (config.json does not fit the weights)"
+    if "ignore_mismatched_sizes" in text:  # the report was not logged (transformers' verbosity is error)
+        return "weight shapes differ from those config.json describes (config.json does not fit the weights)"
+    return re.sub(r"\s*For details look at the .*report!?", "", text)  # a report we do not show
 
 
 def _hf_class(config_dict: dict[str, Any]):
@@ -190,7 +236,8 @@ def _load_pickle(path: Path, trust_remote_code: bool) -> ModelSource:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)}); is it a complete torch.save "
+                             "file? save the model again, or as a .pt2 with torch.export.save") from None
     if isinstance(obj, dict):
         raise ModelLoadError(
             f"{path}: holds a state dict, not a model; pass a package.module:factory that builds the model "
@@ -252,11 +299,29 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if ``exc`` is the operating system refusing it (full disk, file-size limit,
+    permissions), else None. safetensors reports such errors as ``SafetensorError("... I/O error: REASON (os
+    error N)")``, not as OSError."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    match = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(exc).strip())
+    if type(exc).__name__ == "SafetensorError" and match:
+        return match.group(1)
+    return None
+
+
+def _write_failed(out: Path, reason: str) -> MoefxError:
+    return MoefxError(f"{out}: writing failed ({reason}); nothing was changed (free some space or choose another "
+                      "output path)")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out`` in one rename.
 
-    On any error the temporary directory is removed and an existing ``out`` is left untouched.
+    On any error the temporary directory is removed and an existing ``out`` is left untouched; a write the
+    operating system refused (a full disk) becomes a :class:`MoefxError` that says so.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -273,11 +338,11 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     try:
         yield tmp
         _move_into_place(tmp, out)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MoefxError(f"{out}: writing failed ({exc.strerror or exc}); nothing was changed") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is not None:
+            raise _write_failed(out, reason) from None
         raise
 
 
@@ -287,10 +352,49 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent if str(out.parent) else "."))
         old.rmdir()
         out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)  # put the existing output back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, what: str = "the file") -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: a failed write (a full disk, an
+    unwritable directory) leaves no partial file and an existing ``path`` untouched."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MoefxError(f"{path}: the directory {parent} for {what} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
+    except OSError as exc:
+        raise MoefxError(f"{path}: cannot write {what} to {parent} ({exc.strerror}); choose a writable output "
+                         "path") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _write_failed(path, exc.strerror or str(exc)) from None
+
+
+def check_safetensors(path: Path, error: type[MoefxError] = ModelLoadError, fix: str = "") -> None:
+    """Raise ``error`` naming ``path`` if it is missing or not a complete safetensors file (header and data)."""
+    if not path.is_file():
+        raise error(f"{path}: missing" + (f"; {fix}" if fix else ""))
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:
+        raise error(f"{path}: truncated or corrupt ({_first_line(exc)})" + (f"; {fix}" if fix else "")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,7 +444,9 @@ def read_example_inputs(out: Path, meta: dict[str, Any] | None) -> tuple[tuple, 
         return None
     from safetensors.torch import load_file
 
-    tensors = load_file(str(out / meta["file"]))
+    path = out / meta["file"]
+    check_safetensors(path, fix="convert the model again")
+    tensors = load_file(str(path))
     leaves = []
     for i in range(meta["num_leaves"]):
         leaves.append(tensors[f"leaf_{i}"] if f"leaf_{i}" in tensors else meta["constants"].get(str(i)))
@@ -410,6 +516,8 @@ def read_json_file(path: Path, error: type[MoefxError], missing: str, fix: str =
 
 def read_recipe(out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
+    if not out.exists():
+        raise ModelLoadError(f"{out}: no such file or directory; pass the output directory of moefx convert")
     path = out / "recipe.json"
     recipe = read_json_file(path, ModelLoadError,
                             f"{out}: not a moefx output directory (no recipe.json); create one with moefx convert")
@@ -439,6 +547,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
 
     out = Path(out)
     recipe = read_recipe(out)
+    for weights in checkpoint_files(out):  # before the (slow) rebuild
+        check_safetensors(weights, fix="convert the model again")
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out, recipe.get("example_inputs"))
     state, _ = lazy_state_dict(out)
@@ -578,7 +688,11 @@ def rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -
     if kind == "hf":
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({_first_line(exc)}); "
+                                 "restore it from the source model or convert the model again") from None
         cls = _hf_class({"architectures": [source.get("architecture")]})
         return cls._from_config(config)
     if kind == "pt2":

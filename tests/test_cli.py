@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -210,3 +211,71 @@ def test_unwritable_output_and_disk_full(tmp_path, monkeypatch, capsys):
     assert main(["convert", "toy_models:stack_of_mlps", "-o", str(tmp_path / "out")]) == 2
     assert "(No space left on device); nothing was changed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# -- first run: help, progress, streams, determinism --------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "export", "partition", "bench"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: moefx {command}" in out and "examples:" in out and f"moefx {command} " in out.split("examples:")[1]
+    assert "--quiet" in out and "--debug" in out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_go_to_stderr_and_quiet_turns_them_off(quiet, tmp_path, capsys, monkeypatch):
+    import moefx.progress
+
+    monkeypatch.setitem(moefx.progress._state, "quiet", None)  # main() sets it; restore it afterwards
+    monkeypatch.delenv("MOEFX_QUIET", raising=False)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["convert", "toy_models:stack_of_mlps", "--experts", "2", "-o", str(tmp_path / "out")]
+    assert main(argv + (["--quiet"] if quiet else [])) == 0
+    out = capsys.readouterr().out
+    assert "saved to" in out and "capturing" not in out and "building experts" not in out
+    bars = terminal.getvalue()
+    if quiet:
+        assert bars == ""
+    else:
+        assert "capturing" in bars and "building experts" in bars
+
+
+def test_results_on_stdout_and_nothing_on_stderr_with_quiet(tmp_path):
+    result = run_cli("convert", "toy_models:stack_of_mlps", "--experts", "2", "-o", str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "converted 3 FFN(s)" in result.stdout and "saved to" in result.stdout
+
+
+def test_non_finite_weights_warn_convert_and_report_from_the_cli(tmp_path):
+    result = run_cli("convert", "toy_models:non_finite_weights", "--experts", "2", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "Traceback" not in result.stderr
+    assert "blocks.0.ffn: non-finite weights in up (1 values)" in warnings[0]
+    assert "blocks.2.ffn: non-finite weights in down (1 values)" in warnings[1]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [w.split(":")[0] for w in report["warnings"]] == ["blocks.0.ffn", "blocks.2.ffn"]
+    assert "## Warnings" in (tmp_path / "out" / "report.md").read_text()
+    assert len(moefx.moe_layers(moefx.load(tmp_path / "out"))) == 3
+
+
+@pytest.mark.parametrize("flags", [["--init", "random", "--seed", "3"], ["--init-noise", "0.1", "--seed", "5"]])
+def test_same_inputs_and_seed_give_byte_identical_recipe_and_weights(flags, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["convert", "toy_models:stack_of_mlps", "--experts", "4", *flags, "-o", str(tmp_path / name)]) == 0
+    for file in ("recipe.json", "model.safetensors", "example_inputs.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    assert main(["convert", "toy_models:stack_of_mlps", "--experts", "4", *flags[:-1], "99",
+                 "-o", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()

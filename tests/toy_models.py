@@ -128,3 +128,16 @@ def nan_weights():
     with torch.no_grad():
         model.blocks[1].ffn.fc1.weight[0, 0] = float("nan")
     return model, inputs
+
+
+def non_finite_weights():
+    """NaN in one FFN's up projection and Inf in another's down projection: converted as they are, with warnings."""
+    model, inputs = stack_of_mlps()
+    with torch.no_grad():
+        model.blocks[0].ffn.fc1.weight[0, 0] = float("nan")
+        model.blocks[2].ffn.fc2.weight[1, 1] = float("inf")
+    return model, inputs
+
+
+def raising_factory():
+    raise RuntimeError("the checkpoint server is down")

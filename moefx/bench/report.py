@@ -103,10 +103,10 @@ class BenchReport:
         return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
 
     def write_json(self, path: str | Path) -> None:
-        try:
-            Path(path).write_text(self.to_json())
-        except OSError as exc:
-            raise MoefxError(f"{path}: cannot write the JSON report ({exc.strerror})") from None
+        """Write :meth:`to_json` to ``path`` atomically (a failed write leaves an existing file untouched)."""
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, self.to_json(), what="the JSON report")
 
     def render(self) -> str:
         lines = [f"moefx bench: {self.source}",

@@ -102,9 +102,14 @@ def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -
     try:
         import onnx
 
-        onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is it complete? export "
+                             "it again (moefx export)") from None
+    if not proto.HasField("graph") or not proto.graph.node:
+        # protobuf parses an empty file (and some others) as an empty model
+        raise ModelLoadError(f"{path}: not a readable ONNX model (it has no graph); is it complete? export it "
+                             "again (moefx export)")
     report = BenchReport(str(path))
     probe = ort_session(path, 1)
     name = path.stem

@@ -9,6 +9,7 @@ from pathlib import Path
 from moefx.errors import ConfigError
 
 from . import add_common_flags
+from .convert import check_output_parent
 
 __all__ = ["add_parser", "parse_int_list", "run"]
 
@@ -67,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     seqs = parse_int_list("--seq", args.seq)
     threads = parse_int_list("--threads", args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not path.parent.is_dir():
-            raise ConfigError(f"{flag} {path}: the directory {path.parent} does not exist; create it first")
+    for path in (args.json, args.plot):
+        if path is not None:
+            check_output_parent(path)  # before minutes of timing
     if not args.min_seconds > 0:
         raise ConfigError(f"--min-seconds {args.min_seconds}: give a positive number of seconds")
     report = run_bench(args.model, batches=batches, seqs=seqs, threads=threads, runtimes=runtimes,

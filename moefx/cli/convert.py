@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from moefx.config import EXPERT_INITS, ROUTERS, MoEConfig
@@ -150,10 +151,17 @@ def default_output(model: str) -> Path:
 
 
 def check_output_parent(out: Path) -> None:
-    """Fail before any expensive work if ``out`` cannot be created."""
+    """Fail before any expensive work if ``out`` cannot be created: its directory is missing or not writable
+    (probed by creating and removing a temporary directory, since permission bits do not bind root)."""
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise MoefxError(f"{out}: cannot write to {parent} (not a writable directory); choose a writable output path")
+    if not parent.exists():
+        raise MoefxError(f"{out}: the directory {parent} does not exist; create it first or choose another output path")
+    if not parent.is_dir():
+        raise MoefxError(f"{out}: cannot write to {parent} (not a directory); choose a writable output path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
 
 
 def run(args: argparse.Namespace) -> int:

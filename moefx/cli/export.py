@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefx.errors import ConfigError, MoefxError
+from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
+from .convert import check_output_parent
 
 __all__ = ["add_parser", "load_converted", "run"]
 
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.unfused and (args.exact or args.fuse_assigned):
         flag = "--exact" if args.exact else "--fuse-assigned"
         raise ConfigError(f"{flag} only changes fused export; drop it or drop --unfused")
+    if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
+        raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
+    if not args.output.is_dir():  # a directory is named as such by export_onnx
+        check_output_parent(args.output)
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
     from moefx.onnx import export_onnx
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from moefx.errors import MoefxError, OutputExistsError
 
 from . import add_common_flags
+from .convert import check_output_parent
 
 __all__ = ["add_parser", "parse_bytes", "run"]
 
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
+    check_output_parent(args.output)
     if args.no_replication and args.replicas not in (None, 0):
         raise MoefxError("--no-replication and --replicas contradict each other; pass one")
     model = moefx.load(args.model, trust_remote_code=args.trust_remote_code)

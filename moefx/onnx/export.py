@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
-from ..io import _first_line
+from ..io import _first_line, _write_failed, atomic_write_text, write_failure
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
 from .translations import (
@@ -162,9 +162,9 @@ def export_onnx(
     )
     if report_path is not None:
         try:
-            Path(report_path).write_text(report.to_json())
-        except OSError as exc:
-            raise MoefxError(f"{report_path}: cannot write the JSON report ({exc.strerror}); {path} was written") from None
+            atomic_write_text(report_path, report.to_json(), what="the JSON report")
+        except MoefxError as exc:
+            raise MoefxError(f"{exc} ({path} was written)") from None
     return report
 
 
@@ -544,6 +544,11 @@ def _output_staging(path: Path, force: bool) -> Iterator[Path]:
         raise MoefxError(f"{path}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
     try:
         yield staging
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is not None:  # a full disk while writing the staged file: the target was not touched
+            raise _write_failed(path, reason) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from moefx.errors import MoefxError
+from moefx.io import _first_line
 
 __all__ = ["LoadStats", "calibration_batches", "record_stats", "synthetic_stats"]
 
@@ -235,12 +237,21 @@ def calibration_batches(
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        data = _pick_tensor(load_file(str(path)), path)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise MoefxError(f"{path}: truncated or corrupt safetensors file ({_first_line(exc)}); save the "
+                             "calibration tensor again (safetensors.torch.save_file)") from None
+        data = _pick_tensor(tensors, path)
     elif suffix in {".pt", ".pth"}:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # weights_only: a calibration file holds tensors, so a pickle that would run code is refused unrun
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise MoefxError(f"{path}: not a tensor file loadable with weights_only=True ({exc})") from None
+            raise MoefxError(f"{path}: not a tensor file loadable with weights_only=True ({_unpickling_reason(exc)}); "
+                             "save a plain tensor (torch.save(tensor, path)) or use .safetensors") from None
         data = _pick_tensor(obj, path)
     else:
         raise MoefxError(f"{path}: unknown calibration format {suffix!r}; pass .txt, .pt or .safetensors")
@@ -250,6 +261,15 @@ def calibration_batches(
         chunk = data[start : start + batch_size]
         batches.append(((), {"input_ids": chunk}) if uses_kwarg else ((chunk,), {}))
     return batches
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The point of torch's (many-line) weights_only refusal, without its advice to load with weights_only=False."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        return next((line.strip() for line in rest.splitlines() if line.strip()), "refused")[:200]
+    return _first_line(exc)
 
 
 def _pick_tensor(obj: Any, path: Path) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import logging
 import os
 import warnings
 import zlib
@@ -40,6 +41,8 @@ __all__ = ["Batch", "DenseFFN", "LayerSample", "calibration_batches", "record_ff
 
 #: One forward pass: positional inputs, keyword inputs, and the ``[batch, seq]`` mask of real tokens (or None).
 Batch = tuple[tuple, dict, "torch.Tensor | None"]
+
+log = logging.getLogger("moefx")
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("moefx_token_mask", default=None)
 
@@ -120,6 +123,8 @@ def _load_tensor_file(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
 
 def _tensor_batches(data: torch.Tensor | dict[str, torch.Tensor], what: str, model: nn.Module,
                     example: tuple[tuple, dict] | None, batch_size: int) -> Iterator[Batch]:
+    if isinstance(data, dict) and len(data) == 1 and _main_input(example)[0] in ("0", *data):
+        data = next(iter(data.values()))  # one tensor: the examples of the model's main input
     if isinstance(data, torch.Tensor):
         name, reference = _main_input(example)
         _check_like(data, reference, what, name, model)
@@ -156,7 +161,7 @@ def _tensor_batches(data: torch.Tensor | dict[str, torch.Tensor], what: str, mod
             mask = kwargs.get("attention_mask")
             yield args, kwargs, mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    return _Sized(generate(), -(-rows // batch_size))
+    return _Sized(generate(), -(-rows // batch_size), what)
 
 
 def _main_input(example: tuple[tuple, dict] | None) -> tuple[str, torch.Tensor | None]:
@@ -174,7 +179,7 @@ def _main_input(example: tuple[tuple, dict] | None) -> tuple[str, torch.Tensor |
 
 def _check_like(data: torch.Tensor, reference: torch.Tensor | None, what: str, name: str, model: nn.Module) -> None:
     """Refuse data whose dtype kind or shape cannot be what the model's input ``name`` takes."""
-    label = "the positional input" if name == "0" else f"input {name!r}"
+    label = "positional input" if name == "0" else f"input {name!r}"
     if data.dim() == 0:
         raise CalibrationError(f"{what}: is a scalar; give one row per example")
     if reference is None:
@@ -234,6 +239,7 @@ def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | No
                                "input is floating point; pass a tensor file of inputs instead")
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    positional = example is not None and name == "0"  # token ids as the first positional input
     if tokenizer is None and not vocab:
         raise CalibrationError(f"{path}: text calibration needs the model's tokenizer (or config.vocab_size); "
                                "pass a tensor file of token ids instead")
@@ -260,6 +266,9 @@ def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | No
             yield chunk
 
     def generate() -> Iterator[Batch]:
+        if tokenizer is None:
+            log.info("moefx: %s: the model has no tokenizer here; each word is hashed into its vocabulary (the "
+                     "statistics are of that hashing, not of real tokens)", path)
         for chunk in lines():
             if tokenizer is not None:
                 encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -273,12 +282,12 @@ def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | No
                 kwargs = {"input_ids": input_ids}
                 if accepted is None or "attention_mask" in accepted:
                     kwargs["attention_mask"] = mask
-            if name == "0":
+            if positional:
                 yield (kwargs.pop("input_ids"),), kwargs, None if mask is None else mask.bool()
             else:
                 yield (), kwargs, None if mask is None else mask.bool()
 
-    return generate()
+    return _Sized(generate(), None, str(path))
 
 
 def _iterable_batches(calib: Iterable, model: nn.Module, example: tuple[tuple, dict] | None) -> Iterator[Batch]:
@@ -298,14 +307,14 @@ def _iterable_batches(calib: Iterable, model: nn.Module, example: tuple[tuple, d
             mask = kwargs.get("attention_mask")
             yield args, kwargs, mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    return _Sized(generate(), len(calib) if hasattr(calib, "__len__") else None)
+    return _Sized(generate(), len(calib) if hasattr(calib, "__len__") else None, "the calibration data")
 
 
 class _Sized:
-    """An iterator that knows how many batches it will yield (for the progress bar)."""
+    """An iterator of batches that knows how many it will yield (for the progress bar) and what they are from."""
 
-    def __init__(self, it: Iterator[Batch], size: int | None) -> None:
-        self._it, self.size = it, size
+    def __init__(self, it: Iterator[Batch], size: int | None, what: str) -> None:
+        self._it, self.size, self.what = it, size, what
 
     def __iter__(self) -> Iterator[Batch]:
         return self._it
@@ -422,8 +431,9 @@ def record_ffns(
                 except CalibrationError:
                     raise
                 except Exception as exc:
-                    raise CalibrationError(f"calibration batch {batch_count} failed in the model: "
-                                           f"{_first_line(exc)}; check that the data fits the model's inputs") from None
+                    what = getattr(batches, "what", "the calibration data")
+                    raise CalibrationError(f"{what}: batch {batch_count} failed in the model ({_first_line(exc)}); "
+                                           "check that the data fits the model's inputs") from None
                 finally:
                     _TOKEN_MASK.reset(token)
                 batch_count += 1

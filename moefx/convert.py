@@ -363,10 +363,6 @@ def convert(
     if calib is not None and config.init != "split" and not heal:
         log.info("moefx: init=%r does not use calibration data; it is only read by init='split' and healing",
                  config.init)
-    if config.init == "split" and calib is None and initialize:
-        log.info("moefx: init='split' without calibration data: neurons partitioned by %s from the weights "
-                 "alone, centroid router; pass calibration data (--calib FILE) for co-activation partitions "
-                 "and a fitted router", "random permutation" if config.partition == "random" else "weight clustering")
     index_of = {id(f): i for i, f in enumerate(analysis.ffns)}
     by_container: dict[str, list[FoundFFN]] = {}
     for ffn in chosen:
@@ -379,6 +375,10 @@ def convert(
             if new_root is not None:
                 model = new_root
     _apply_fixups(model)
+    if config.init == "split" and calib is None and initialize:
+        log.info("moefx: init='split' without calibration data: neurons partitioned by %s from the weights "
+                 "alone, centroid router; pass calibration data (--calib FILE) for co-activation partitions "
+                 "and a fitted router", "random permutation" if config.partition == "random" else "weight clustering")
     if calibrated or heal:
         batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
     if calibrated:

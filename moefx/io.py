@@ -547,7 +547,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
 
     out = Path(out)
     recipe = read_recipe(out)
-    for weights in checkpoint_files(out):  # before the (slow) rebuild
+    has_index = (out / "model.safetensors.index.json").exists()
+    for weights in checkpoint_files(out) if has_index else [out / SINGLE_NAME]:  # before the (slow) rebuild
         check_safetensors(weights, fix="convert the model again")
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out, recipe.get("example_inputs"))
@@ -641,7 +642,11 @@ def _rebuild_hf_without_weights(out: Path, source: dict[str, Any]) -> tuple[nn.M
 
     from .hf import build_without_weights
 
-    config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({_first_line(exc)}); "
+                             "restore it from the source model or convert the model again") from None
     cls = _hf_class({"architectures": [source.get("architecture")]})
     dense = build_without_weights(cls, config, real_buffers=True)
     buffers = {}

@@ -51,6 +51,13 @@ def split_sizes(match: FFNMatch, config: MoEConfig) -> tuple[int, int]:
     return size, size * config.shared_experts
 
 
+def partition_used(config: MoEConfig, *, calibrated: bool) -> str:
+    """The partition a split conversion uses: ``config.partition``, by default ``coactivation`` with
+    calibration data and ``cluster`` without; ``coactivation`` without data falls back to ``cluster``."""
+    partition = config.partition or ("coactivation" if calibrated else "cluster")
+    return "cluster" if partition == "coactivation" and not calibrated else partition
+
+
 @dataclass
 class SplitPlan:
     """Which neurons go where: ``groups [E, expert_size]`` (routed experts) and ``shared [shared_size]``."""
@@ -163,9 +170,7 @@ def plan_split(match: FFNMatch, config: MoEConfig, generator: torch.Generator,
     """Partition the FFN's neurons (see the module docstring); ``inputs [N, H]`` are calibration inputs."""
     expert_size, shared_size = split_sizes(match, config)
     hidden = match.hidden_features
-    partition = config.partition or ("coactivation" if inputs is not None else "cluster")
-    if partition == "coactivation" and inputs is None:
-        partition = "cluster"  # the caller reports the fallback
+    partition = partition_used(config, calibrated=inputs is not None)
     contrib = None
     if inputs is not None:
         contrib = hidden_activations(match, inputs).abs() * _down_norms(match)  # [N, I]

@@ -227,12 +227,19 @@ def fit_router(x: torch.Tensor, target: torch.Tensor, steps: int = 300, lr: floa
     weight = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
     bias = torch.zeros(target.shape[1], requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    # Hundreds of small steps: one thread, since a parallel region's barrier costs more than these ops save
+    # (10x more under CPU contention, where a spinning OpenMP thread waits for a descheduled one).
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     weight, bias = weight.detach(), bias.detach()
     # Undo the standardisation: w.(x - m)/s + b = (w/s).x + (b - w.m/s).
     return weight / std, bias - (weight / std) @ mean

@@ -8,6 +8,7 @@ file stands alone (onnx.checker, a fresh process without moefx).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -51,10 +52,15 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def ort_vs_torch(path: Path, model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
-    """Max abs difference between ONNX Runtime and the torch model over every float output."""
+    """Max abs difference between ONNX Runtime and the torch model over every float output.
+
+    ``inputs["task_ids"]``, if there, is a graph input for ONNX Runtime and the ``moefx.task_ids`` context for torch.
+    """
     sess = session(path)
     got = sess.run(None, {i.name: inputs[i.name].numpy() for i in sess.get_inputs()})
-    with torch.no_grad():
+    inputs = dict(inputs)
+    tasks = inputs.pop("task_ids", None)
+    with torch.no_grad(), (moefx.task_ids(tasks) if tasks is not None else contextlib.nullcontext()):
         out = model(**inputs, **({"use_cache": False} if "use_cache" in _params(model) else {}))
     want = [t for t in (out.values() if hasattr(out, "values") else out) if isinstance(t, torch.Tensor)]
     assert len(got) == len(want)
@@ -362,6 +368,46 @@ def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path,
     for batch, seq in ((3, 8), (3, 5), (1, 11)):
         error = ort_vs_torch(path, model, hf_inputs(name, batch, seq, seed=1))
         assert error <= 1e-4, f"{name}/{router} at batch {batch}, seq {seq}: max abs error {error:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task router: the task ids are a graph input
+# ---------------------------------------------------------------------------------------------------------
+
+TASK_CASES = [("llama", "example"), ("llama", "token"), ("t5", "example")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "per"), TASK_CASES, ids=[f"{n}-per-{p}" for n, p in TASK_CASES])
+def test_task_router_takes_task_ids_as_a_graph_input(tmp_path, name, per):
+    config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2, init="random", router_init_std=1.0)
+    with moefx.task_ids(0):
+        model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
+    path = tmp_path / "task.onnx"
+    report = export_onnx(model, None, path, task_ids=per)
+    assert all(layer.fused and layer.nodes == {"com.microsoft::MoE": 1} for layer in report.layers)
+    assert any("task_ids" in note for note in report.notes)
+    assert report.verification["compared"] and report.verification["max_abs_error"] <= 1e-4
+    task_input = next(i for i in session(path).get_inputs() if i.name == "task_ids")
+    assert task_input.type == "tensor(int64)" and len(task_input.shape) == (2 if per == "token" else 1)
+    assert all(isinstance(d, str) for d in task_input.shape)  # dynamic batch (and sequence)
+
+    inputs = hf_inputs(name, batch=3, seq=5, seed=1)  # export used batch 2, seq 8
+    g = torch.Generator().manual_seed(2)
+    cases = [torch.tensor([0, 1, 2]), torch.tensor([2, 2, 1]), torch.tensor([1, 0, 0])] if per == "example" else [
+        torch.randint(0, 3, (3, 5), generator=g) for _ in range(2)]
+    outputs = []
+    for ids in cases:
+        error = ort_vs_torch(path, model, {**inputs, "task_ids": ids})
+        assert error <= 1e-4, f"task ids {ids.tolist()}: max abs error {error:.2e}"
+        outputs.append(session(path).run(None, {k: v.numpy() for k, v in {**inputs, "task_ids": ids}.items()})[0])
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the ids really change the route
+
+
+def test_task_ids_for_a_model_without_task_routers_is_an_error(tmp_path, small_moe):
+    with pytest.raises(MoefxError, match="no task-routed MoE layer"):
+        export_onnx(small_moe, None, tmp_path / "m.onnx", task_ids=[0, 1])
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ _EXAMPLES = """examples:
   moefx export out/ -o model.onnx --unfused          standard ONNX ops only (any ONNX runtime)
   moefx export out/ -o model.onnx --exact --force    keep exact-GELU layers unfused (no tanh approximation)
   moefx export out/ -o model.onnx --json report.json
+  moefx export out/ -o model.onnx --task-ids token   task router: one task id per token (graph input task_ids)
 """
 
 
@@ -40,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep layers unfused where the fused kernel approximates them (exact GELU)")
     parser.add_argument("--fuse-assigned", action="store_true",
                         help="also fuse layers whose router assigns experts itself (capacity limits), via log-weights")
+    parser.add_argument("--task-ids", choices=("example", "token"), default=None,
+                        help="models with router='task': the graph input task_ids holds one id per example "
+                             "([batch], the default) or per token ([batch, seq])")
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's, >= 18)")
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="weights in FILE.onnx.data: auto (above 1.5 GiB), always or never")
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         fuse_assigned=args.fuse_assigned, force=args.force, opset=args.opset,
         external_data={"auto": None, "always": True, "never": False}[args.external_data],
         verify=not args.no_verify, report_path=args.json if args.json not in (None, "-") else None,
+        task_ids=args.task_ids,
     )
     if args.json == "-":
         sys.stdout.write(report.to_json())

@@ -331,18 +331,20 @@ def test_capacity_factor_layer(tmp_path, fuse_assigned):
 # routers without an ORT kernel: one call of a model-local moefx function per layer
 # ---------------------------------------------------------------------------------------------------------
 
-ROUTER_CASES = [(name, router) for name in ("gpt2", "bert") for router in ("bpr", "expert-choice", "soft")]
+ROUTER_CASES = [(name, router) for name in ("gpt2", "bert", "t5") for router in ("bpr", "expert-choice", "soft")]
+ROUTER_PARAMS = [pytest.param(n, r, id=f"{n}-{r}", marks=[pytest.mark.slow] if n == "t5" else [])
+                 for n, r in ROUTER_CASES]
 
 
 def moefx_function_calls(model_proto) -> list:
     return [n for n in model_proto.graph.node if n.domain == "moefx"]
 
 
-@pytest.mark.parametrize(("name", "router"), ROUTER_CASES, ids=[f"{n}-{r}" for n, r in ROUTER_CASES])
+@pytest.mark.parametrize(("name", "router"), ROUTER_PARAMS)
 def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path, name, router):
     extra = {"capacity_factor": 1.0} if router == "bpr" else {}
-    if name == "gpt2" and router in ("soft", "expert-choice"):
-        extra["allow_noncausal"] = True  # token-mixing routers in a causal decoder
+    if name in ("gpt2", "t5") and router in ("soft", "expert-choice"):
+        extra["allow_noncausal"] = True  # token-mixing routers in a causal decoder (GPT-2, T5's decoder)
     config = moefx.MoEConfig(num_experts=4, top_k=2, init="random", router=router, **extra)
     model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
     layers = moefx.moe_layers(model)
@@ -352,7 +354,7 @@ def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path,
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     calls = moefx_function_calls(proto)
-    assert len(calls) == len(layers) == 2
+    assert len(calls) == len(layers) == (4 if name == "t5" else 2)  # T5: two encoder, two decoder FFNs
     functions = {(f.domain, f.name): f for f in proto.functions}
     assert {(n.domain, n.op_type) for n in calls} <= set(functions)
     assert all(f.domain == "moefx" and f.node for f in proto.functions)

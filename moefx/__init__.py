@@ -11,6 +11,7 @@ from . import (
 from .config import MoEConfig
 from .convert import Analysis, analyze, aux_loss, convert, moe_layers
 from .errors import MoefxError
+from .heal import heal
 from .io import load, save
 from .layers import ExpertBank, MoELayer, routing_stats
 from .routers import check_router_causality
@@ -31,6 +32,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "extract_task",
+    "heal",
     "load",
     "modality",
     "moe_layers",

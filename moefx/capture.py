@@ -220,6 +220,7 @@ class CapturedModule(nn.Module):
             parent, _, leaf = name.rpartition(".")
             _own_path(self, name)
             self.get_submodule(parent).add_module(leaf, gm.get_submodule(name))
+        self.training = source.training  # the mode of the module it replaces (its children share it)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_graphs", {key: gm})
         object.__setattr__(self, "_bound", {})

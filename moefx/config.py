@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["CONFIG_VERSION", "EXPERT_INITS", "ROUTERS", "MoEConfig", "select_layers"]
+__all__ = ["CONFIG_VERSION", "EXPERT_INITS", "PARTITIONS", "ROUTERS", "MoEConfig", "select_layers"]
 
 CONFIG_VERSION = 1
 
@@ -30,6 +30,15 @@ ROUTERS: dict[str, str] = {
 EXPERT_INITS: dict[str, str] = {
     "upcycle": "every expert a copy of the dense FFN (Sparse Upcycling); exact with renormalised top-k",
     "random": "experts initialised like fresh nn.Linear layers (seeded)",
+    "split": "the dense FFN's neurons partitioned into experts (MoEfication/CMoE); exact with all experts active",
+    "lora": "the dense FFN kept frozen and shared, experts are routed low-rank adapters (MoELoRA); exact at init",
+}
+
+#: How ``init='split'`` partitions the dense FFN's hidden neurons into experts.
+PARTITIONS: dict[str, str] = {
+    "random": "a seeded random permutation of the neurons",
+    "cluster": "balanced k-means on the neurons' input weights (weight-only, no data needed)",
+    "coactivation": "balanced spectral partition of the neurons' co-activation graph on calibration data",
 }
 
 
@@ -67,9 +76,16 @@ class MoEConfig:
             where it leaks future tokens into earlier positions (see ``routers.check_router_causality``).
 
     Experts:
-        init: ``"upcycle"`` or ``"random"`` (see :data:`EXPERT_INITS`).
+        init: ``"upcycle"``, ``"random"``, ``"split"`` or ``"lora"`` (see :data:`EXPERT_INITS`).
         init_noise: relative std of Gaussian noise added to each upcycled expert to break symmetry.
-        expert_size: hidden (intermediate) size of each expert; ``None`` keeps the dense FFN's.
+        expert_size: hidden (intermediate) size of each expert; ``None`` keeps the dense FFN's (``split``
+            derives it: the FFN's hidden size over ``num_experts + shared_experts``).
+        partition: ``split``: how neurons are grouped into experts (see :data:`PARTITIONS`); ``None`` picks
+            ``coactivation`` when calibration data is given and ``cluster`` otherwise.
+        shared_experts: ``split``: how many expert-sized groups of neurons form an always-on shared expert
+            (CMoE): the neurons most active on calibration data (the largest-norm ones without data). The
+            layer then runs ``shared_experts + top_k`` of ``shared_experts + num_experts`` neuron groups.
+        lora_rank: ``lora``: rank of each expert's adapters.
         seed: seed of every random choice the conversion makes.
 
     Layer selection (all given criteria must hold):
@@ -98,6 +114,9 @@ class MoEConfig:
     init: str = "upcycle"
     init_noise: float = 0.0
     expert_size: int | None = None
+    partition: str | None = None
+    shared_experts: int = 0
+    lora_rank: int = 8
     seed: int = 0
     every: int = 1
     last: int | None = None
@@ -134,6 +153,7 @@ class MoEConfig:
         self._check_router_options()
         if self.expert_size is not None:
             _check_int("expert_size", self.expert_size, minimum=1)
+        self._check_init_options()
         _check_int("seed", self.seed, minimum=0)
         _check_int("every", self.every, minimum=1)
         if self.last is not None:
@@ -175,6 +195,30 @@ class MoEConfig:
                 "router='bpr' orders tokens by priority to fill a limited capacity, so it needs a "
                 "capacity_factor (e.g. 1.0); without one use router='topk'"
             )
+
+    def _check_init_options(self) -> None:
+        init = self.init
+        _check_int("shared_experts", self.shared_experts, minimum=0)
+        _check_int("lora_rank", self.lora_rank, minimum=1)
+        if self.partition is not None and self.partition not in PARTITIONS:
+            raise ConfigError(
+                f"unknown partition {self.partition!r}: choose one of {', '.join(sorted(PARTITIONS))}"
+            )
+        if init != "split" and (self.partition is not None or self.shared_experts):
+            raise ConfigError(
+                f"partition and shared_experts only apply to init='split' (init is {init!r})"
+            )
+        if init in ("split", "lora") and self.router not in ("topk", "bpr"):
+            raise ConfigError(
+                f"init={init!r} needs a token-choice router (topk or bpr), got router={self.router!r}"
+            )
+        if init == "split" and self.expert_size is not None:
+            raise ConfigError(
+                "init='split' derives the expert size from the dense FFN (hidden size / (num_experts + "
+                "shared_experts)); leave expert_size unset"
+            )
+        if init == "lora" and self.expert_size is not None:
+            raise ConfigError("init='lora' keeps the dense FFN; leave expert_size unset (set lora_rank)")
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .calibrate import calibration_batches, record_ffns, swap_module
 from .capture import (
     CaptureAttempt,
     CapturedModule,
@@ -30,8 +31,8 @@ from .capture import (
     weight_like,
 )
 from .config import MoEConfig, select_layers
-from .errors import MoefxError, NoFFNFoundError
-from .experts import build_moe_layer
+from .errors import ConfigError, MoefxError, NoFFNFoundError
+from .experts import build_moe_layer, layer_generator
 from .layers import MoELayer
 from .passes import FindFFNPass, PassManager, RewriteFFNPass
 from .passes.ffn_rules import FFNMatch
@@ -279,11 +280,13 @@ class ConversionInfo:
     seconds: float
     source: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    healing: list[dict[str, Any]] | None = None
 
     def report(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "layers": self.layers,
+            **({"healing": self.healing} if self.healing is not None else {}),
             "not_selected": self.skipped,
             "warnings": self.warnings,
             "near_misses": [n.to_dict() for n in self.near_misses],
@@ -302,6 +305,10 @@ def convert(
     verify: bool = True,
     initialize: bool = True,
     source: dict[str, Any] | None = None,
+    calib: Any = None,
+    calib_tokens: int = 16384,
+    tokenizer: Any = None,
+    heal: bool = False,
 ) -> nn.Module:
     """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
 
@@ -316,6 +323,14 @@ def convert(
         verify: compare the converted model with the dense one on the example inputs (in the report).
         initialize: build expert weights with ``config.init``; ``False`` only allocates them (for loading).
         source: where the model came from (recorded in the recipe by ``moefx.save``).
+        calib: calibration data for the inits that use statistics (``split``) and for ``heal``: a ``.txt``
+            (one example per line), ``.pt`` or ``.safetensors`` file, a tensor or dict of tensors, or an
+            iterable of batches (see :func:`moefx.calibrate.calibration_batches`). Streamed, never held whole.
+        calib_tokens: at most this many input rows per FFN are kept from the calibration data (a seeded
+            uniform sample), which bounds the memory calibration and healing use.
+        tokenizer: the tokenizer for a text ``calib`` file (default: the Hugging Face model's own, if found).
+        heal: after building the experts, fit each MoE layer to its dense FFN on the calibration data
+            (:func:`moefx.heal`); needs ``calib``.
 
     Raises:
         NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
@@ -341,6 +356,13 @@ def convert(
     warnings = _non_finite_weights(chosen)
     for warning in warnings:
         log.warning("moefx: warning: %s", warning)
+    if heal and calib is None:
+        raise ConfigError("heal=True fits the MoE layers to the dense FFNs on calibration data; pass calib= "
+                          "(--calib FILE)")
+    calibrated = calib is not None and initialize and config.init == "split"
+    if calib is not None and config.init != "split" and not heal:
+        log.info("moefx: init=%r does not use calibration data; it is only read by init='split' and healing",
+                 config.init)
     index_of = {id(f): i for i, f in enumerate(analysis.ffns)}
     by_container: dict[str, list[FoundFFN]] = {}
     for ffn in chosen:
@@ -348,10 +370,26 @@ def convert(
     layers_info: list[dict[str, Any]] = []
     with progress(total=len(chosen), desc="building experts", unit="layer") as bar:
         for container, ffns in sorted(by_container.items(), key=lambda kv: -len(kv[0].split("."))):
-            new_root = _rewrite_container(model, container, ffns, config, index_of, layers_info, initialize, bar)
+            new_root = _rewrite_container(model, container, ffns, config, index_of, layers_info,
+                                          initialize and not calibrated, bar)
             if new_root is not None:
                 model = new_root
     _apply_fixups(model)
+    if config.init == "split" and calib is None and initialize:
+        log.info("moefx: init='split' without calibration data: neurons partitioned by %s from the weights "
+                 "alone, centroid router; pass calibration data (--calib FILE) for co-activation partitions "
+                 "and a fitted router", "random permutation" if config.partition == "random" else "weight clustering")
+    if calibrated or heal:
+        batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
+    if calibrated:
+        _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens)
+        batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
+    healing = None
+    if heal:
+        from .heal import heal_layers
+
+        dense = {d["moe"]: next(f.match for f in chosen if f.name == d["name"]) for d in layers_info}
+        healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed)
     _strip_analysis_meta(model)
     layers_info.sort(key=lambda d: d["position"])
     for d in layers_info:
@@ -369,9 +407,38 @@ def convert(
         seconds=time.perf_counter() - start,
         source=dict(source or {}),
         warnings=warnings,
+        healing=healing,
     )
     object.__setattr__(model, "moefx_info", info)
     return model
+
+
+def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: list[dict[str, Any]],
+                      config: MoEConfig, index_of: dict[int, int], batches: Any, max_tokens: int) -> None:
+    """Record each converted FFN's inputs on the calibration batches (running the dense FFNs), then build its
+    MoE layer from them and put it in place of the allocated one."""
+    by_name = {f.name: f for f in chosen}
+    targets = {}
+    for d in layers_info:
+        ffn = by_name[d["name"]]
+        targets[d["moe"]] = (ffn.match, layer_generator(config, index_of[id(ffn)], stream=3))
+    samples = record_ffns(model, targets, batches, max_tokens=max_tokens)
+    with progress(total=len(layers_info), desc="building experts from calibration", unit="layer") as bar:
+        for d in layers_info:
+            ffn = by_name[d["name"]]
+            layer = build_moe_layer(ffn.match, config, index_of[id(ffn)], ffn.name,
+                                    calib_inputs=samples[d["moe"]].inputs)
+            old = swap_module(model, d["moe"], layer)
+            layer.train(old.training)
+            d.update(_split_info(layer), calibration_tokens=samples[d["moe"]].tokens)
+            bar.update(1)
+
+
+def _split_info(layer: MoELayer) -> dict[str, Any]:
+    partition = getattr(layer, "split_partition", None)
+    if partition is None:
+        return {}
+    return {"partition": partition, "shared_size": 0 if layer.shared is None else layer.shared.expert_size}
 
 
 def _non_finite_weights(ffns: list[FoundFFN]) -> list[str]:
@@ -463,6 +530,7 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
             "moe": qualname,
             "experts": layer.num_experts,
             "expert_size": layer.experts.expert_size,
+            **_split_info(layer),
             "position": ffn.position,
         })
     if not container:
@@ -543,8 +611,11 @@ def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, con
         return {"compared": False}
     max_abs = float((a - b).abs().max())
     rel = max_abs / max(float(a.abs().max()), 1e-12)
-    exact_expected = config.router in ("topk", "task") and config.init == "upcycle" and config.normalize_weights and config.capacity_factor is None \
-        and config.init_noise == 0
+    dropless = config.capacity_factor is None
+    exact_expected = (config.router in ("topk", "task") and config.init == "upcycle" and config.normalize_weights
+                      and dropless and config.init_noise == 0) or (
+        config.init in ("split", "lora") and config.router == "topk" and dropless
+        and (config.init == "lora" or config.top_k == config.num_experts))
     return {"compared": True, "max_abs_error": max_abs, "relative_error": rel, "exact_expected": exact_expected,
             "exact": rel <= 1e-5}
 

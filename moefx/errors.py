@@ -8,6 +8,7 @@ usage or input error) without a traceback; anything else is a bug in moefx and e
 from __future__ import annotations
 
 __all__ = [
+    "CalibrationError",
     "CaptureError",
     "ConfigError",
     "ModelLoadError",
@@ -35,6 +36,10 @@ class ModelLoadError(MoefxError):
 
 class UnsafeFileError(ModelLoadError):
     """Loading the file would execute code from it and the user has not opted in."""
+
+
+class CalibrationError(MoefxError):
+    """Calibration data that cannot be used (missing, wrong format, wrong shape or dtype for the model)."""
 
 
 class CaptureError(MoefxError):

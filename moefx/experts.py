@@ -80,7 +80,8 @@ def random_experts(match: FFNMatch, config: MoEConfig, layer_index: int) -> Expe
     return bank
 
 
-#: Expert builders by ``MoEConfig.init`` name.
+#: Expert builders by ``MoEConfig.init`` name for the inits whose layer is a router plus a bank of experts
+#: (``split`` and ``lora`` build their whole layer: see :func:`build_moe_layer`).
 EXPERT_BUILDERS: dict[str, Callable[[FFNMatch, MoEConfig, int], ExpertBank]] = {
     "upcycle": upcycle_experts,
     "random": random_experts,
@@ -88,8 +89,23 @@ EXPERT_BUILDERS: dict[str, Callable[[FFNMatch, MoEConfig, int], ExpertBank]] = {
 
 
 @torch.no_grad()
-def build_moe_layer(match: FFNMatch, config: MoEConfig, layer_index: int, source: str, *, init: bool = True) -> MoELayer:
-    """The MoE layer for one matched FFN. ``init=False`` allocates without initialising (for loading)."""
+def build_moe_layer(match: FFNMatch, config: MoEConfig, layer_index: int, source: str, *, init: bool = True,
+                    calib_inputs: torch.Tensor | None = None) -> MoELayer:
+    """The MoE layer for one matched FFN. ``init=False`` allocates without initialising (for loading).
+
+    ``calib_inputs [N, H]``: a sample of the FFN's inputs on calibration data, for the inits that use it
+    (``split``: co-activation partition, fitted router, compensation).
+    """
+    if config.init == "split":
+        from .split import build_split_layer, empty_split_layer
+
+        if not init:
+            return empty_split_layer(match, config, source)
+        return build_split_layer(match, config, layer_generator(config, layer_index, stream=1), source, calib_inputs)
+    if config.init == "lora":
+        from .lora import build_lora_layer
+
+        return build_lora_layer(match, config, layer_generator(config, layer_index, stream=1), source, init=init)
     if init:
         experts = EXPERT_BUILDERS[config.init](match, config, layer_index)
     else:

@@ -103,14 +103,29 @@ class MoELayer(nn.Module):
         hidden_dropout: dropout between activation and down projection, carried over from the dense FFN
             (applied in training only).
         source: the qualified name of the dense FFN this layer replaced (for reports).
+        shared: an optional bank of one always-on expert that every token runs with weight 1 (CMoE).
+        bias: an optional ``[O]`` bias added to every token's output (a split FFN's down bias, added once).
     """
 
-    def __init__(self, router: Router, experts: ExpertBank, *, hidden_dropout: float = 0.0, source: str = "") -> None:
+    def __init__(
+        self,
+        router: Router,
+        experts: ExpertBank,
+        *,
+        hidden_dropout: float = 0.0,
+        source: str = "",
+        shared: ExpertBank | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
         self.hidden_dropout = float(hidden_dropout)
         self.source = source
+        if shared is not None and shared.num_experts != 1:
+            raise ValueError(f"the shared expert bank must hold one expert, got {shared.num_experts}")
+        self.shared = shared  # an always-on expert every token runs with weight 1 (CMoE, DeepSeekMoE)
+        self.bias = None if bias is None else nn.Parameter(bias)  # added to every token's output
 
     @property
     def num_experts(self) -> int:
@@ -134,6 +149,11 @@ class MoELayer(nn.Module):
             y = self._soft_forward(tokens, routing)
         else:
             y = self._run_experts(tokens, routing)
+        if self.shared is not None:
+            dropout = self.hidden_dropout if self.training else 0.0
+            y = y + ops.expert_ffn(tokens, 0, *self.shared.weights(), self.shared.activation, dropout=dropout)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*lead, y.shape[-1])
 
     def _run_experts(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:

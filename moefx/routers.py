@@ -424,7 +424,9 @@ class TopKRouter(Router):
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
         self.normalize_weights = config.normalize_weights
-        self.gate = nn.Linear(hidden_size, config.num_experts, bias=False)
+        # Split experts are pieces of one FFN: the chosen ones are summed (weight 1), as in MoEfication.
+        self.unit_weights = config.init == "split"
+        self.gate = nn.Linear(hidden_size, config.num_experts, bias=self.unit_weights)
 
     def capacity(self, num_tokens: int) -> int:
         if self.capacity_factor is None:
@@ -440,6 +442,12 @@ class TopKRouter(Router):
             index, weight = self._apply_capacity(
                 index, weight, self.capacity(x.shape[0]), priority=self._priority(logits, weight)
             )
+        if self.unit_weights:
+            # Weight 1 for every kept assignment; in training the gate values' gradient passes straight
+            # through (value 1, d/dgate 1), so the router still learns which experts help.
+            unit = (index >= 0).to(weight.dtype)
+            weight = unit + (weight - weight.detach()) * unit if torch.is_grad_enabled() else unit
+            dropless = False  # not the softmax top-k weights the fused op computes
         aux = self._finish(
             logits,
             lambda: torch.log_softmax(logits, dim=-1),
@@ -480,7 +488,8 @@ class TopKRouter(Router):
 
     def extra_repr(self) -> str:
         cf = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
-        return f"experts={self.num_experts}, top_k={self.top_k}, {cf}, normalize={self.normalize_weights}"
+        weights = "unit" if self.unit_weights else f"normalize={self.normalize_weights}"
+        return f"experts={self.num_experts}, top_k={self.top_k}, {cf}, {weights}"
 
 
 class BatchPriorityRouter(TopKRouter):

@@ -108,6 +108,18 @@ def test_torch_transformer_encoder():
     assert all(p.grad is not None for _, layer in moefx.moe_layers(moe) for p in layer.parameters())
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_conversion_keeps_every_module_in_the_dense_models_mode(verify):
+    # A captured container starts in the mode of the module it replaces: one left in training mode would
+    # capture again with live dropout on the first padded batch (the example inputs have no padding).
+    dense = tiny_hf_model("bert")
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=2, top_k=2), verify=verify)
+    assert not any(module.training for module in moe.modules())
+    inputs = _inputs("bert", dense)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(moe(**inputs)), _first(dense(**inputs)), rtol=1e-5, atol=1e-5)
+
+
 def test_captured_module_follows_train_and_eval_modes():
     dense = tiny_hf_model("bert")
     moe = moefx.convert(dense, moefx.MoEConfig(num_experts=2, top_k=2))

@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ".export",
     "partition": ".partition",
     "bench": ".bench",
+    "heal": ".heal",
 }
 
 _EPILOG = """examples:

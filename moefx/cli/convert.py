@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moefx.config import EXPERT_INITS, ROUTERS, MoEConfig
+from moefx.config import EXPERT_INITS, PARTITIONS, ROUTERS, MoEConfig
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -25,6 +25,9 @@ _EXAMPLES = """examples:
   moefx convert vit_dir/ --router soft -o out/                                     Soft MoE
   moefx convert t5_dir/ --router task --num-tasks 3 -o out/                        Task-MoE
   moefx convert llama-7b/ --stream --init random --expert-size 1376 -o out/        larger than memory
+  moefx convert bert_dir/ --init split --experts 16 --top-k 8 --calib sentences.txt --heal -o out/
+                                                                                  MoEfication + healing
+  moefx convert llama_dir/ --init lora --experts 8 --lora-rank 16 -o out/          LoRA experts (MixLoRA)
 """
 
 #: MoEConfig field -> the flag that sets it (used to phrase config errors in CLI terms).
@@ -37,7 +40,8 @@ FIELD_FLAGS = {
     "num_tasks": "--num-tasks", "slots_per_expert": "--slots-per-expert",
     "max_slots_per_expert": "--max-slots-per-expert", "local_entropy_weight": "--local-entropy-weight",
     "global_entropy_weight": "--global-entropy-weight", "global_entropy_threshold": "--global-entropy-threshold",
-    "allow_noncausal": "--allow-noncausal",
+    "allow_noncausal": "--allow-noncausal", "partition": "--partition", "shared_experts": "--shared-experts",
+    "lora_rank": "--lora-rank",
 }
 
 
@@ -103,7 +107,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="relative noise added to upcycled experts to break symmetry")
     experts.add_argument("--expert-size", type=int, default=None, metavar="I",
                          help="hidden size of each expert (default: the dense FFN's)")
+    experts.add_argument("--partition", default=None, choices=sorted(PARTITIONS),
+                         help="split: how neurons are grouped into experts (default: coactivation with --calib, "
+                              "cluster without)")
+    experts.add_argument("--shared-experts", type=int, default=0, metavar="S",
+                         help="split: expert-sized groups of the most active neurons made one always-on expert")
+    experts.add_argument("--lora-rank", type=int, default=8, metavar="R", help="lora: rank of each expert's adapters")
     experts.add_argument("--seed", type=int, default=0)
+    calib = parser.add_argument_group("calibration (split statistics, healing)")
+    calib.add_argument("--calib", type=Path, default=None, metavar="FILE",
+                       help="calibration data: .txt (one example per line, the model's tokenizer), or a .pt/"
+                            ".safetensors tensor of examples (or a dict of input tensors)")
+    calib.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+                       help="at most N sampled input rows per FFN are kept (default 16384)")
+    calib.add_argument("--heal", action="store_true",
+                       help="fit each MoE layer to its dense FFN on the calibration data (layer-wise distillation)")
     add_selection_flags(parser)
     add_common_flags(parser)
     return parser
@@ -129,6 +147,9 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
             init=getattr(args, "init", "upcycle"),
             init_noise=getattr(args, "init_noise", 0.0),
             expert_size=getattr(args, "expert_size", None),
+            partition=getattr(args, "partition", None),
+            shared_experts=getattr(args, "shared_experts", 0),
+            lora_rank=getattr(args, "lora_rank", 8),
             seed=getattr(args, "seed", 0),
             every=args.every,
             last=args.last,
@@ -174,8 +195,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
     check_output_parent(out)
+    if args.heal and args.calib is None:
+        raise ConfigError("--heal fits the MoE layers to the dense FFNs on calibration data; pass --calib FILE")
+    if args.calib_tokens < 1:
+        raise ConfigError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
+    if args.calib is not None and not args.calib.is_file():
+        raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
     if args.stream:
         from .stream import run_streamed
+
+        if args.calib is not None:
+            raise ConfigError("--calib is not supported with --stream yet: convert without --stream, or stream a "
+                              "weight-only conversion (--init split without --calib)")
 
         try:
             return run_streamed(args, config, out)
@@ -185,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = source.example_inputs or (None, None)
     try:
         model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
-                              source=source.to_dict())
+                              source=source.to_dict(), calib=args.calib, calib_tokens=args.calib_tokens,
+                              heal=args.heal)
     except ConfigError as exc:
         raise ConfigError(_in_flag_terms(str(exc))) from None
     moefx.save(model, out, force=args.force)

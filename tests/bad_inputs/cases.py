@@ -35,6 +35,7 @@ import torch
 
 import moefx
 from moefx.errors import (
+    CalibrationError,
     ConfigError,
     ModelLoadError,
     MoefxError,
@@ -214,13 +215,15 @@ class Workspace:
     # -- invocations ---------------------------------------------------------------------------------------
 
     def convert(self, model: str | Path, *flags: str, out: Path | None = None, force: bool = False,
-                trust: bool = False, **config: Any) -> Invocation:
+                trust: bool = False, calib: Path | None = None, heal: bool = False, **config: Any) -> Invocation:
         """``moefx convert MODEL -o OUT FLAGS``; ``config`` are the MoEConfig fields ``flags`` set."""
         out = out or self.path("result")
         cli = ["convert", str(model), "-o", str(out), "--experts", "2", "--top-k", "1", *flags,  # flags override
+               *(["--calib", str(calib)] if calib is not None else []), *(["--heal"] if heal else []),
                *(["--force"] if force else []),
                *(["--trust-remote-code"] if trust else [])]
-        return Invocation(cli, lambda: api_convert(model, out, force=force, trust_remote_code=trust, **config))
+        return Invocation(cli, lambda: api_convert(model, out, force=force, trust_remote_code=trust, calib=calib,
+                                                   heal=heal, **config))
 
     def inspect(self, model: str | Path, *, trust: bool = False) -> Invocation:
         cli = ["inspect", str(model), *(["--trust-remote-code"] if trust else [])]
@@ -262,11 +265,12 @@ class Workspace:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def api_convert(model, out, *, force=False, trust_remote_code=False, **config):
+def api_convert(model, out, *, force=False, trust_remote_code=False, calib=None, heal=False, **config):
     config = moefx.MoEConfig(**{"num_experts": 2, "top_k": 1, **config})
     source = load_source(model, trust_remote_code=trust_remote_code)
     args, kwargs = source.example_inputs or (None, None)
-    moe = moefx.convert(source.model, config, args, example_kwargs=kwargs, inplace=True, source=source.to_dict())
+    moe = moefx.convert(source.model, config, args, example_kwargs=kwargs, inplace=True, source=source.to_dict(),
+                        calib=calib, heal=heal)
     return moefx.save(moe, out, force=force)
 
 
@@ -750,3 +754,82 @@ def disk_full(ws, command):
         run = ws.bench(ws.assets.converted, json_out=out)
     limit = 256 if command == "bench" else _FULL_DISK  # the JSON report of one measurement is about 2 KB
     return expect(run, MoefxError, out.name, "File too large", "nothing was changed", file_size_limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# init='split' and calibration data of convert (the toy model takes float inputs [batch, seq, 16])
+# ---------------------------------------------------------------------------------------------------------
+
+
+@case("--init split with an inter size not divisible by the expert count", "convert")
+def split_not_divisible(ws, command):
+    return expect(ws.convert(FACTORY, "--init", "split", "--experts", "5", init="split", num_experts=5),
+                  ConfigError, ("--experts", "num_experts"), "not divisible by 5")
+
+
+@case("--heal without --calib", "convert")
+def heal_without_calibration(ws, command):
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", heal=True), ConfigError,
+                  ("--heal", "heal=True"), "--calib")
+
+
+@case("calibration data of the wrong dtype", "convert")
+def calibration_wrong_dtype(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.randint(0, 10, (8, 5, 16)), path)
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.pt", "dtype int64", "floating-point")
+
+
+@case("calibration data of the wrong shape", "convert")
+def calibration_wrong_shape(ws, command):
+    from safetensors.torch import save_file
+
+    path = ws.path("calib.safetensors")
+    save_file({"x": torch.randn(8, 5, 15)}, str(path))
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.safetensors", "shape [8, 5, 15]")
+
+
+@case("calibration text for a model that takes floats", "convert")
+def calibration_text_for_floats(ws, command):
+    path = ws.write("calib.txt", "a sentence\nanother one\n")
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.txt", "floating point")
+
+
+@case("empty calibration text", "convert")
+def calibration_empty_text(ws, command):
+    path = ws.write("calib.txt", "\n\n")
+    return expect(ws.convert(ws.assets.hf_dir, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.txt", "no non-empty lines")
+
+
+@case("calibration text that is not UTF-8", "convert")
+def calibration_not_utf8(ws, command):
+    path = ws.write("calib.txt", b"\xff\xfe\x00bad")
+    return expect(ws.convert(ws.assets.hf_dir, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.txt", "UTF-8")
+
+
+@case("calibration token ids outside the vocabulary", "convert")
+def calibration_out_of_vocabulary(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.full((4, 6), 10_000), path)
+    return expect(ws.convert(ws.assets.hf_dir, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.pt", "outside the model's vocabulary")
+
+
+@case("calibration .pt that would run code (convert)", "convert")
+def evil_calibration_convert(ws, command):
+    marker = ws.path("pwned")
+    path = ws.write("calib.pt", pickle.dumps(_TouchOnLoad(str(marker))))
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.pt", "weights_only")
+
+
+@case("calibration file with an unknown extension", "convert")
+def calibration_unknown_format(ws, command):
+    path = ws.write("calib.csv", "1,2,3\n")
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path), CalibrationError,
+                  "calib.csv", "unknown calibration format")

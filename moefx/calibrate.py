@@ -1,0 +1,471 @@
+"""Calibration: run a model on sample inputs and record what each FFN sees, in bounded memory.
+
+Calibration data comes from a text file (one example per line, tokenized with the model's own tokenizer when
+moefx can find one), a ``.pt``/``.safetensors`` tensor file (a tensor whose rows are examples, or a dict of
+such tensors named like the model's keyword inputs), or, from Python, a tensor, a dict of tensors, or any
+iterable of batches (each a tensor, a tuple of positional inputs or a dict of keyword inputs).
+:func:`calibration_batches` turns any of them into forward-pass batches, reading files lazily (line by line,
+memory-mapped tensors), so the data may be larger than memory.
+
+:func:`record_ffns` runs those batches through a model in which chosen FFNs are replaced by
+:class:`DenseFFN` recorders: each computes its dense FFN exactly (the model behaves as the dense one) and
+keeps a uniform sample of at most ``max_tokens`` of its inputs (a seeded bottom-k sample over every token
+seen, so the result depends only on the data and the seed), plus streaming per-neuron statistics of its
+hidden activations. Padding tokens are left out when the batch has an ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import ACTIVATIONS
+from .errors import CalibrationError
+from .passes.ffn_rules import FFNMatch
+from .progress import progress
+
+__all__ = ["Batch", "DenseFFN", "LayerSample", "calibration_batches", "record_ffns", "swap_module"]
+
+#: One forward pass: positional inputs, keyword inputs, and the ``[batch, seq]`` mask of real tokens (or None).
+Batch = tuple[tuple, dict, "torch.Tensor | None"]
+
+log = logging.getLogger("moefx")
+
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("moefx_token_mask", default=None)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def calibration_batches(
+    calib: Any,
+    model: nn.Module,
+    example: tuple[tuple, dict] | None,
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+    tokenizer: Any = None,
+) -> Iterator[Batch]:
+    """Forward-pass batches from calibration data ``calib`` (see the module docstring).
+
+    ``example`` is the model's example inputs ``(args, kwargs)``: tensor data is checked against it (dtype
+    kind and shape) and fed the same way (positionally or as ``input_ids``). Errors a user can fix raise
+    :class:`~moefx.errors.CalibrationError` naming the data. Nothing is read until the batches are iterated.
+    """
+    if isinstance(calib, (str, os.PathLike)):
+        path = Path(calib)
+        if not path.is_file():
+            raise CalibrationError(f"{path}: no such calibration file; pass a .txt, .pt or .safetensors file")
+        suffix = path.suffix.lower()
+        if suffix in (".txt", ".text"):
+            return _text_batches(path, model, example, batch_size, max_length, tokenizer)
+        if suffix in (".pt", ".pth", ".safetensors"):
+            data = _load_tensor_file(path)
+            return _tensor_batches(data, str(path), model, example, batch_size)
+        raise CalibrationError(f"{path}: unknown calibration format {suffix or '(none)'!r}; pass .txt (one "
+                               "example per line), .pt or .safetensors (a tensor of examples)")
+    if isinstance(calib, (torch.Tensor, dict)):
+        return _tensor_batches(calib, "the calibration data", model, example, batch_size)
+    if isinstance(calib, Iterable):
+        return _iterable_batches(calib, model, example)
+    raise CalibrationError(f"calibration data of type {type(calib).__name__} is not supported; pass a file "
+                           "path, a tensor, a dict of tensors or an iterable of batches")
+
+
+def _load_tensor_file(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            # Memory-mapped: rows are read as batches are cut from them.
+            with safe_open(str(path), framework="pt") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iter
+        except Exception as exc:
+            raise CalibrationError(f"{path}: truncated or corrupt safetensors file ({_first_line(exc)}); save "
+                                   "the calibration tensors again (safetensors.torch.save_file)") from None
+    try:
+        # weights_only: a calibration file holds tensors, so a pickle that would run code is refused unrun.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:
+        raise CalibrationError(f"{path}: not a tensor file loadable with weights_only=True "
+                               f"({_unpickling_reason(exc)}); save a plain tensor (torch.save(tensor, path)) "
+                               "or use .safetensors") from None
+    if isinstance(obj, torch.Tensor) or (isinstance(obj, dict) and obj and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        return obj
+    raise CalibrationError(f"{path}: holds a {type(obj).__name__}, not a tensor of examples or a dict of them; "
+                           "save torch.save(input_ids, path) or a dict like {'input_ids': ...}")
+
+
+def _tensor_batches(data: torch.Tensor | dict[str, torch.Tensor], what: str, model: nn.Module,
+                    example: tuple[tuple, dict] | None, batch_size: int) -> Iterator[Batch]:
+    if isinstance(data, dict) and len(data) == 1 and _main_input(example)[0] in ("0", *data):
+        data = next(iter(data.values()))  # one tensor: the examples of the model's main input
+    if isinstance(data, torch.Tensor):
+        name, reference = _main_input(example)
+        _check_like(data, reference, what, name, model)
+        rows = data.shape[0]
+
+        def cut(start: int) -> tuple[tuple, dict]:
+            chunk = data[start:start + batch_size]
+            return ((), {name: chunk}) if name != "0" else ((chunk,), {})
+    else:
+        if not data:
+            raise CalibrationError(f"{what}: holds no tensors")
+        accepted = _keyword_inputs(model)
+        unknown = [k for k in data if accepted is not None and k not in accepted]
+        if unknown:
+            raise CalibrationError(f"{what}: the model's forward takes no input named {unknown[0]!r}; name the "
+                                   f"tensors after its inputs ({', '.join(sorted(accepted)[:6])})")
+        rows = {t.shape[0] if t.dim() else -1 for t in data.values()}
+        if len(rows) != 1 or -1 in rows:
+            raise CalibrationError(f"{what}: its tensors have different numbers of rows ({sorted(rows)}); give "
+                                   "every input one row per example")
+        rows = rows.pop()
+        kwargs_example = example[1] if example is not None else {}
+        for key, tensor in data.items():
+            _check_like(tensor, kwargs_example.get(key), what, key, model)
+
+        def cut(start: int) -> tuple[tuple, dict]:
+            return (), {k: v[start:start + batch_size] for k, v in data.items()}
+    if rows == 0:
+        raise CalibrationError(f"{what}: holds no examples (0 rows)")
+
+    def generate() -> Iterator[Batch]:
+        for start in range(0, rows, batch_size):
+            args, kwargs = cut(start)
+            mask = kwargs.get("attention_mask")
+            yield args, kwargs, mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    return _Sized(generate(), -(-rows // batch_size), what)
+
+
+def _main_input(example: tuple[tuple, dict] | None) -> tuple[str, torch.Tensor | None]:
+    """How a bare tensor of examples is fed: ``("0", ref)`` positionally, ``("input_ids", ref)`` by keyword."""
+    if example is None:
+        return "0", None
+    args, kwargs = example
+    if args and isinstance(args[0], torch.Tensor):
+        return "0", args[0]
+    if "input_ids" in kwargs:
+        return "input_ids", kwargs["input_ids"]
+    tensors = [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return tensors[0] if tensors else ("0", None)
+
+
+def _check_like(data: torch.Tensor, reference: torch.Tensor | None, what: str, name: str, model: nn.Module) -> None:
+    """Refuse data whose dtype kind or shape cannot be what the model's input ``name`` takes."""
+    label = "positional input" if name == "0" else f"input {name!r}"
+    if data.dim() == 0:
+        raise CalibrationError(f"{what}: is a scalar; give one row per example")
+    if reference is None:
+        return
+    if data.is_floating_point() != reference.is_floating_point() or data.dtype == torch.bool != (reference.dtype == torch.bool):
+        raise CalibrationError(
+            f"{what}: has dtype {str(data.dtype).removeprefix('torch.')} but the model's {label} is "
+            f"{str(reference.dtype).removeprefix('torch.')}"
+            + ("; pass integer token ids" if not reference.is_floating_point() else "; pass floating-point values")
+        )
+    if data.dim() != reference.dim():
+        raise CalibrationError(
+            f"{what}: has shape {list(data.shape)} but the model's {label} has {reference.dim()} dimensions "
+            f"(example {list(reference.shape)}); give one row per example along the first dimension"
+        )
+    fixed = reference.shape[2:] if not reference.is_floating_point() else reference.shape[1:]
+    if (reference.is_floating_point() and data.shape[-1] != reference.shape[-1]) or (
+            not reference.is_floating_point() and data.shape[2:] != fixed):
+        raise CalibrationError(f"{what}: has shape {list(data.shape)}, which does not fit the model's {label} "
+                               f"(example {list(reference.shape)})")
+    if not data.is_floating_point() and data.numel():
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        low, high = int(data.min()), int(data.max())
+        if low < 0 or (vocab and name in ("0", "input_ids") and high >= vocab):
+            raise CalibrationError(f"{what}: holds token ids from {low} to {high}, outside the model's "
+                                   f"vocabulary [0, {vocab}); tokenize with the model's tokenizer")
+
+
+def _keyword_inputs(model: nn.Module) -> set[str] | None:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def find_tokenizer(model: nn.Module) -> Any:
+    """The model's Hugging Face tokenizer, when its directory (``config._name_or_path``) has one; else None."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path or not Path(path).is_dir() or not any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # a broken or partial tokenizer: fall back to hashed words
+        return None
+
+
+def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | None, batch_size: int,
+                  max_length: int, tokenizer: Any) -> Iterator[Batch]:
+    name, reference = _main_input(example)
+    if reference is not None and reference.is_floating_point():
+        raise CalibrationError(f"{path}: a text calibration file needs a model that takes token ids, but its "
+                               "input is floating point; pass a tensor file of inputs instead")
+    tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    positional = example is not None and name == "0"  # token ids as the first positional input
+    if tokenizer is None and not vocab:
+        raise CalibrationError(f"{path}: text calibration needs the model's tokenizer (or config.vocab_size); "
+                               "pass a tensor file of token ids instead")
+    accepted = _keyword_inputs(model)
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: is not UTF-8 text; pass one example per line, or a .pt/.safetensors "
+                               "tensor file") from None
+    if first is None:
+        raise CalibrationError(f"{path}: has no non-empty lines; put one example per line")
+
+    def lines() -> Iterator[list[str]]:
+        chunk: list[str] = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    chunk.append(line.strip())
+                    if len(chunk) == batch_size:
+                        yield chunk
+                        chunk = []
+        if chunk:
+            yield chunk
+
+    def generate() -> Iterator[Batch]:
+        if tokenizer is None:
+            log.info("moefx: %s: the model has no tokenizer here; each word is hashed into its vocabulary (the "
+                     "statistics are of that hashing, not of real tokens)", path)
+        for chunk in lines():
+            if tokenizer is not None:
+                encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                kwargs = {k: v for k, v in encoded.items() if accepted is None or k in accepted}
+                mask = encoded.get("attention_mask")
+            else:  # no tokenizer (a randomly initialised model): words hashed into the vocabulary
+                ids = [[zlib.crc32(w.encode()) % vocab for w in line.split()][:max_length] for line in chunk]
+                width = max(len(r) for r in ids)
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
+                input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids])
+                kwargs = {"input_ids": input_ids}
+                if accepted is None or "attention_mask" in accepted:
+                    kwargs["attention_mask"] = mask
+            if positional:
+                yield (kwargs.pop("input_ids"),), kwargs, None if mask is None else mask.bool()
+            else:
+                yield (), kwargs, None if mask is None else mask.bool()
+
+    return _Sized(generate(), None, str(path))
+
+
+def _iterable_batches(calib: Iterable, model: nn.Module, example: tuple[tuple, dict] | None) -> Iterator[Batch]:
+    def generate() -> Iterator[Batch]:
+        for i, item in enumerate(calib):
+            if isinstance(item, torch.Tensor):
+                name, reference = _main_input(example)
+                _check_like(item, reference, f"calibration batch {i}", name, model)
+                args, kwargs = ((item,), {}) if name == "0" else ((), {name: item})
+            elif isinstance(item, dict):
+                args, kwargs = (), dict(item)
+            elif isinstance(item, (tuple, list)):
+                args, kwargs = tuple(item), {}
+            else:
+                raise CalibrationError(f"calibration batch {i} is a {type(item).__name__}; give a tensor, a tuple "
+                                       "of positional inputs or a dict of keyword inputs")
+            mask = kwargs.get("attention_mask")
+            yield args, kwargs, mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    return _Sized(generate(), len(calib) if hasattr(calib, "__len__") else None, "the calibration data")
+
+
+class _Sized:
+    """An iterator of batches that knows how many it will yield (for the progress bar) and what they are from."""
+
+    def __init__(self, it: Iterator[Batch], size: int | None, what: str) -> None:
+        self._it, self.size, self.what = it, size, what
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._it
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recording
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSample:
+    """What one FFN saw during calibration.
+
+    ``inputs [n, H]`` is a uniform sample (float32) of at most ``max_tokens`` of its ``tokens`` input rows;
+    ``abs_mean [I]`` and ``active_rate [I]`` are, over every token, each hidden neuron's mean absolute
+    activation and the fraction of tokens on which it is positive.
+    """
+
+    tokens: int = 0
+    inputs: torch.Tensor | None = None
+    abs_mean: torch.Tensor | None = None
+    active_rate: torch.Tensor | None = None
+    _keys: torch.Tensor | None = field(default=None, repr=False)
+
+
+class DenseFFN(nn.Module):
+    """The dense FFN of a match, computed exactly, recording its inputs into a :class:`LayerSample`."""
+
+    def __init__(self, match: FFNMatch, max_tokens: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.match = match
+        self.max_tokens = max_tokens
+        self.generator = generator
+        self.sample = LayerSample()
+        self._abs_sum: torch.Tensor | None = None
+        self._positive: torch.Tensor | None = None
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.match
+        h = ACTIVATIONS[m.activation](F.linear(x, m.up_weight, m.up_bias))
+        if m.gated:
+            h = h * F.linear(x, m.gate_up_weight, m.gate_up_bias)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        self._record(x, h)
+        return F.linear(h, self.match.down_weight, self.match.down_bias)
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        mask = _TOKEN_MASK.get()
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x, h = x[mask.to(x.device)], h[mask.to(h.device)]
+        x = x.reshape(-1, x.shape[-1]).float().cpu()
+        h = h.reshape(-1, h.shape[-1]).float()
+        s = self.sample
+        s.tokens += x.shape[0]
+        abs_sum, positive = h.abs().sum(0).cpu(), (h > 0).sum(0).cpu()
+        self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
+        self._positive = positive if self._positive is None else self._positive + positive
+        s.abs_mean = self._abs_sum / max(s.tokens, 1)
+        s.active_rate = self._positive.float() / max(s.tokens, 1)
+        # Bottom-k sampling: every token draws a key; the max_tokens smallest keys so far are the sample.
+        keys = torch.rand(x.shape[0], generator=self.generator)
+        if s.inputs is not None:
+            keys, x = torch.cat([s._keys, keys]), torch.cat([s.inputs, x])
+        if keys.shape[0] > self.max_tokens:
+            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
+            keys, x = keys[keep], x[keep]
+        s._keys, s.inputs = keys, x
+
+
+def swap_module(model: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``qualname`` in ``model`` and return what was there (captured graphs re-bind to it)."""
+    from .capture import CapturedModule
+
+    parent_name, _, leaf = qualname.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = parent.get_submodule(leaf)
+    setattr(parent, leaf, new)
+    for module in model.modules():
+        if isinstance(module, CapturedModule):
+            module._bound.clear()
+    return old
+
+
+@torch.no_grad()
+def record_ffns(
+    model: nn.Module,
+    targets: dict[str, tuple[FFNMatch, torch.Generator]],
+    batches: Iterable[Batch],
+    *,
+    max_tokens: int = 16384,
+    desc: str = "calibrating",
+) -> dict[str, LayerSample]:
+    """Run ``batches`` through ``model`` with the module at each qualified name in ``targets`` replaced by a
+    :class:`DenseFFN` recorder of its match (and put back afterwards); returns each one's sample."""
+    recorders = {name: DenseFFN(match, max_tokens, gen) for name, (match, gen) in targets.items()}
+    originals = {name: swap_module(model, name, rec) for name, rec in recorders.items()}
+    was_training = model.training
+    model.eval()
+    batch_count = 0
+    try:
+        with progress(total=getattr(batches, "size", None), desc=desc, unit="batch") as bar:
+            for args, kwargs, mask in batches:
+                token = _TOKEN_MASK.set(mask)
+                try:
+                    model(*args, **kwargs)
+                except CalibrationError:
+                    raise
+                except Exception as exc:
+                    what = getattr(batches, "what", "the calibration data")
+                    raise CalibrationError(f"{what}: batch {batch_count} failed in the model ({_first_line(exc)}); "
+                                           "check that the data fits the model's inputs") from None
+                finally:
+                    _TOKEN_MASK.reset(token)
+                batch_count += 1
+                bar.update(1)
+    finally:
+        for name, module in originals.items():
+            swap_module(model, name, module)
+        model.train(was_training)
+    if batch_count == 0:
+        raise CalibrationError("the calibration data holds no batches; give at least one example")
+    return {name: rec.sample for name, rec in recorders.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The point of torch's (many-line) weights_only refusal, without its advice to load with weights_only=False."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        return next((line.strip() for line in rest.splitlines() if line.strip()), "refused")[:200]
+    return _first_line(exc)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None):
+    """Mark the real tokens (``[batch, seq]`` bool) of the forward passes inside, for the recorders."""
+    token = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)

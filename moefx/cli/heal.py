@@ -1,0 +1,78 @@
+"""``moefx heal OUT --calib FILE -o HEALED``: fit each MoE layer of a converted model to its dense FFN."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moefx.errors import ConfigError, MoefxError, OutputExistsError
+
+from . import add_common_flags
+
+__all__ = ["add_parser", "run"]
+
+_EXAMPLES = """examples:
+  moefx heal out/ --calib sentences.txt -o out-healed/
+  moefx heal out/ --calib calib.safetensors --dense model_dir/ -o out-healed/ --force
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "heal", help="fit a converted model's MoE layers to its dense FFNs on calibration data",
+        description="Layer-wise distillation: record every MoE layer's inputs on calibration data (running the "
+                    "dense FFNs), fit each layer to reproduce its dense FFN there (split layers: router refit and "
+                    "least squares; others: gradient steps), keep a fit only if it lowers the held-out error, "
+                    "and write the healed model to HEALED.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", metavar="OUT", type=Path, help="a directory written by moefx convert")
+    parser.add_argument("--calib", type=Path, required=True, metavar="FILE",
+                        help="calibration data: .txt (one example per line), or a .pt/.safetensors tensor file")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="HEALED", help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace HEALED if it exists")
+    parser.add_argument("--dense", default=None, metavar="MODEL",
+                        help="the dense model OUT was converted from (default: the source recorded in OUT)")
+    parser.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+                        help="at most N sampled input rows per layer (default 16384)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow loading pickled .pt models (this runs code from the file)")
+    parser.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+    add_common_flags(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import moefx
+    from moefx.io import load_source
+    from moefx.report import format_table
+
+    from .convert import check_output_parent
+
+    if args.output.exists() and not args.force:
+        raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
+    if args.output.resolve() == args.out.resolve():
+        raise MoefxError(f"{args.output}: is the input directory; write the healed model somewhere else")
+    if not args.calib.is_file():
+        raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
+    if args.calib_tokens < 1:
+        raise ConfigError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
+    check_output_parent(args.output)
+    model = moefx.load(args.out, trust_remote_code=args.trust_remote_code, lazy=False)
+    dense = None
+    if args.dense is not None:
+        dense = load_source(args.dense, trust_remote_code=args.trust_remote_code).model
+    report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens,
+                        trust_remote_code=args.trust_remote_code)
+    moefx.save(model, args.output, force=args.force)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        rows = [[r["layer"], r["method"], f"{r['error_before']:.4g}", f"{r['error_after']:.4g}",
+                 "yes" if r.get("kept", False) else "no"] for r in report]
+        print(format_table(["moe layer", "method", "error before", "error after", "changed"], rows))
+        print(f"saved to {args.output}/")
+    return 0

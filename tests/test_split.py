@@ -1,0 +1,321 @@
+"""init='split' and 'lora', calibration and healing, each checked against the dense model or the math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moefx
+from moefx import MoEConfig
+from moefx.calibrate import calibration_batches, record_ffns
+from moefx.errors import CalibrationError, ConfigError
+from moefx.split import balanced_kmeans
+
+from conftest import tiny_hf_model
+
+ARCHS = ["bert", "gpt2", "llama", "t5-gated"]  # GELU, Conv1D + gelu_new, SwiGLU, gated GELU
+
+
+def _ids(seed: int, batch: int = 3, seq: int = 7) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, ids):
+    kwargs = {"input_ids": ids}
+    if "T5" in type(model).__name__:
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out[0] if isinstance(out, tuple) else next(iter(out.values()))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("partition, shared", [("random", 0), ("cluster", 0), ("cluster", 2)])
+def test_split_with_every_expert_active_is_the_dense_model(name, partition, shared):
+    dense = tiny_hf_model(name)
+    config = MoEConfig(init="split", num_experts=8 - shared, top_k=8 - shared, shared_experts=shared,
+                       partition=partition)
+    moe = moefx.convert(dense, config)
+    assert _rel(_run(moe, _ids(1)), _run(dense, _ids(1))) <= 1e-5
+    assert moe.moefx_info.verification["exact_expected"] and moe.moefx_info.verification["exact"]
+
+
+def test_split_with_calibration_and_every_expert_active_is_exact():
+    dense = tiny_hf_model("llama")
+    config = MoEConfig(init="split", num_experts=6, top_k=6, shared_experts=2)
+    moe = moefx.convert(dense, config, calib=_ids(5, batch=16, seq=9))
+    assert moe.moefx_info.layers[0]["partition"] == "coactivation"
+    assert _rel(_run(moe, _ids(1)), _run(dense, _ids(1))) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_lora_experts_are_exact_at_init_and_train_only_adapters_and_router(name):
+    dense = tiny_hf_model(name)
+    moe = moefx.convert(dense, MoEConfig(init="lora", num_experts=4, top_k=2, lora_rank=4))
+    assert _rel(_run(moe, _ids(1)), _run(dense, _ids(1))) <= 1e-5
+    layer = moefx.moe_layers(moe)[0][1]
+    assert not any(p.requires_grad for p in layer.experts.parameters())  # the dense FFN is frozen
+    moe.train()
+    kwargs = {"input_ids": _ids(2)}
+    moe(**kwargs)[0].float().square().mean().backward()
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in layer.named_parameters() if p.grad is not None}
+    assert {"up_b", "down_b", "router.gate.weight"} <= trainable
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in layer.named_parameters() if n.endswith("_b"))
+
+
+@pytest.mark.parametrize("init", ["split", "lora"])
+def test_split_and_lora_models_save_and_load_bit_identically(init, tmp_path):
+    dense = tiny_hf_model("llama")
+    config = MoEConfig(init=init, num_experts=4, top_k=2, **({"shared_experts": 0} if init == "split" else {}))
+    moe = moefx.convert(dense, config, calib=_ids(5, batch=8) if init == "split" else None)
+    moefx.save(moe, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out")
+    assert torch.equal(_run(loaded, _ids(3)), _run(moe, _ids(3)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The partition and the layer
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_split_experts_hold_exactly_the_dense_ffns_neurons(shared):
+    dense = tiny_hf_model("bert")
+    layer = moefx.moe_layers(moefx.convert(dense, MoEConfig(init="split", num_experts=8 - shared, top_k=2,
+                                                            shared_experts=shared)))[0][1]
+    ffn = dense.encoder.layer[0]
+    w1, w2 = ffn.intermediate.dense.weight, ffn.output.dense.weight  # [64, 32], [32, 64]
+    rows = [layer.experts.w1[e] for e in range(layer.num_experts)]
+    cols = [layer.experts.w2[e] for e in range(layer.num_experts)]
+    if shared:
+        rows.append(layer.shared.w1[0])
+        cols.append(layer.shared.w2[0])
+    rows, cols = torch.cat(rows), torch.cat(cols, dim=1)
+    assert rows.shape == w1.shape and cols.shape == w2.shape  # total parameters are the dense FFN's
+    # Every neuron exactly once: a permutation of the dense rows, with its down-projection column alongside.
+    match = (rows[:, None, :] == w1[None, :, :]).all(-1).float()  # [64, 64]
+    assert torch.equal(match.sum(0), torch.ones(64)) and torch.equal(match.sum(1), torch.ones(64))
+    perm = match.argmax(1)
+    assert torch.equal(cols, w2[:, perm])
+
+
+def test_balanced_kmeans_recovers_planted_groups():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 10
+    labels = torch.arange(64) % 4
+    points = centers[labels] + torch.randn(64, 16, generator=g) * 0.1
+    groups = balanced_kmeans(points, 4, torch.Generator().manual_seed(1))
+    assert groups.shape == (4, 16)
+    assert sorted(groups.flatten().tolist()) == list(range(64))
+    for group in groups:
+        assert len(set(labels[group].tolist())) == 1
+
+
+def test_calibrated_router_predicts_the_experts_with_the_most_activation_mass():
+    from moefx.split import oracle_choice, route
+
+    dense = tiny_hf_model("llama")
+    calib = _ids(7, batch=32, seq=12)
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=8, top_k=2), calib=calib)
+    layer = moefx.moe_layers(moe)[0][1]
+    # The dense FFN's inputs on held-out tokens, and the experts the dense activations say are best.
+    x = record_inputs(dense, _ids(8, batch=32, seq=12))  # held-out tokens
+    ffn = dense.model.layers[0].mlp
+    h = F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)  # [N, 64]
+    groups = torch.stack([_neurons_of(layer.experts.w1[e], ffn.gate_proj.weight) for e in range(8)])
+    best = oracle_choice(torch.stack([h[:, g] @ ffn.down_proj.weight[:, g].T for g in groups], 1), 2)
+    chosen = route(layer.router.gate.weight.detach(), layer.router.gate.bias.detach(), x, 2)
+    recall = float((best * chosen).sum() / best.sum())
+    assert recall >= 0.5, recall  # a random router gets 2/8 = 0.25
+
+
+def _neurons_of(rows: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
+    return (rows[:, None, :] == dense_rows[None]).all(-1).float().argmax(1)
+
+
+def record_inputs(dense, ids) -> torch.Tensor:
+    rows = []
+    handle = dense.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        dense(input_ids=ids)
+    handle.remove()
+    return torch.cat(rows)
+
+
+def test_compensation_makes_the_mean_output_on_calibration_tokens_the_dense_mean():
+    # c_e is expert e's mean output where the router skips it, so over those tokens the skipped experts'
+    # total is exactly what the compensation adds: the layer's mean output equals the dense FFN's.
+    dense = tiny_hf_model("bert")
+    ids = _ids(11, batch=8, seq=6)
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=8, top_k=2), calib=ids, calib_tokens=10_000)
+    ffn = dense.encoder.layer[0]
+    x = record_bert_ffn_inputs(dense, ids)
+    layer = moefx.moe_layers(moe)[0][1]
+    with torch.no_grad():
+        want = ffn.output.dense(ffn.intermediate(x)).mean(0)
+        got = layer(x).mean(0)
+        plain = layer(x).mean(0) - layer.bias + ffn.output.dense.bias  # without any compensation
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert float((plain - want).abs().max()) > 10 * float((got - want).abs().max())
+
+
+def record_bert_ffn_inputs(dense, ids) -> torch.Tensor:
+    rows = []
+    handle = dense.encoder.layer[0].intermediate.register_forward_pre_hook(lambda m, a: rows.append(a[0]))
+    with torch.no_grad():
+        dense(input_ids=ids)
+    handle.remove()
+    return torch.cat(rows).reshape(-1, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _targets(dense, config):
+    analysis = moefx.analyze(dense)
+    from moefx.experts import layer_generator
+
+    moe = moefx.convert(dense, config)
+    return moe, {name: (analysis.ffns[i].match, layer_generator(config, i, 3))
+                 for i, (name, _) in enumerate(moefx.moe_layers(moe))}
+
+
+def test_calibration_sample_is_bounded_deterministic_and_skips_padding():
+    dense = tiny_hf_model("bert")
+    config = MoEConfig(init="split", num_experts=4, top_k=2)
+    ids = _ids(3, batch=40, seq=9)
+    mask = torch.ones_like(ids)
+    mask[:, 6:] = 0  # three padding tokens per row
+    data = {"input_ids": ids, "attention_mask": mask}
+
+    def sample(max_tokens):
+        moe, targets = _targets(dense, config)
+        batches = calibration_batches(data, moe, moe.moefx_info.inputs, batch_size=8)
+        return record_ffns(moe, targets, batches, max_tokens=max_tokens)
+
+    full, small, again = sample(10_000), sample(50), sample(50)
+    for name in full:
+        assert full[name].tokens == small[name].tokens == int(mask.sum())  # every real token counted
+        assert full[name].inputs.shape == (int(mask.sum()), 32)  # all kept when they fit
+        assert small[name].inputs.shape == (50, 32)  # bounded
+        assert torch.equal(small[name].inputs, again[name].inputs)  # deterministic for a seed
+        # the sample is made of real rows, in order
+        index = (small[name].inputs[:, None, :] == full[name].inputs[None]).all(-1).float().argmax(1)
+        assert torch.equal(full[name].inputs[index], small[name].inputs) and bool((index.diff() > 0).all())
+
+
+def test_calibration_streams_an_iterable_it_never_holds_whole():
+    dense = tiny_hf_model("bert")
+    moe, targets = _targets(dense, MoEConfig(init="split", num_experts=4, top_k=2))
+    alive = []
+
+    def batches():  # 100 batches made on demand; the recorder must keep at most max_tokens rows of them
+        for i in range(100):
+            alive.append(i)
+            yield {"input_ids": _ids(i, batch=2, seq=5)}
+
+    samples = record_ffns(moe, targets, calibration_batches(batches(), moe, None), max_tokens=64)
+    assert len(alive) == 100
+    assert all(s.tokens == 1000 and s.inputs.shape == (64, 32) for s in samples.values())
+
+
+def test_text_calibration_uses_the_models_tokenizer_when_it_has_one(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "moe"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world\n\nmoe hello moe\n")
+    dense = tiny_hf_model("bert")
+    batches = list(calibration_batches(text, dense, None, tokenizer=tokenizer))
+    assert len(batches) == 1
+    _, kwargs, mask = batches[0]
+    want = tokenizer(["hello world", "moe hello moe"], padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(kwargs["input_ids"], want["input_ids"]) and kwargs["input_ids"].shape[1] > 2
+    assert torch.equal(mask, want["attention_mask"].bool())
+
+
+@pytest.mark.parametrize("data, says", [
+    (torch.randn(4, 6), "dtype float32"),
+    (torch.randint(0, 9, (4,)), "has 2 dimensions"),
+    (torch.full((2, 3), 500), "outside the model's vocabulary"),
+    ({"pixel_values": torch.randn(2, 3)}, "batch 0 failed in the model"),
+    ({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)}, "different numbers of rows"),
+    (42, "not supported"),
+])
+def test_unusable_calibration_data_is_a_clear_error(data, says):
+    dense = tiny_hf_model("bert")
+    with pytest.raises(CalibrationError, match=says):
+        moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2), calib=data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Healing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_healing_leaves_an_exact_layer_exactly_as_it_was():
+    dense = tiny_hf_model("llama")
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=4))
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    report = moefx.heal(moe, _ids(4, batch=8), dense=dense)
+    assert [r["method"] for r in report] == ["exact", "exact"]
+    after = moe.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
+    dense = tiny_hf_model(name)
+    calib = _ids(6, batch=200, seq=12)
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=8, top_k=2))  # weight-only: far from dense
+    config = MoEConfig(init="split", num_experts=8, top_k=2)
+    _, targets = _targets(dense, config)
+    held_out = record_ffns(moe, targets, calibration_batches(_ids(99, batch=16, seq=10), moe, moe.moefx_info.inputs))
+
+    def errors():  # each layer against its dense FFN on held-out inputs of the dense model
+        out = {}
+        for name, (match, _) in targets.items():
+            x = held_out[name].inputs
+            with torch.no_grad():
+                want = F.linear(F.silu(F.linear(x, match.up_weight)) * F.linear(x, match.gate_up_weight),
+                                match.down_weight) if match.gated else \
+                    F.linear(F.gelu(F.linear(x, match.up_weight, match.up_bias)), match.down_weight, match.down_bias)
+                out[name] = float((moe.get_submodule(name)(x) - want).square().mean() / want.square().mean())
+        return out
+
+    before = errors()
+    report = moefx.heal(moe, calib, dense=dense)
+    assert all(r["kept"] and r["error_after"] < r["error_before"] for r in report), report
+    assert {r["method"] for r in report} == {"least-squares"}
+    after = errors()
+    assert all(after[name] < before[name] for name in before), (before, after)
+    assert moe.moefx_info.healing == report
+
+
+def test_healing_by_gradient_for_experts_that_are_not_split():
+    dense = tiny_hf_model("bert")
+    moe = moefx.convert(dense, MoEConfig(init="upcycle", num_experts=4, top_k=2, init_noise=0.5))
+    report = moefx.heal(moe, _ids(6, batch=32, seq=10), dense=dense)
+    assert {r["method"] for r in report} == {"gradient"}
+    assert all(r["error_after"] <= r["error_before"] for r in report)
+    assert any(r["kept"] for r in report)
+
+
+def test_convert_with_heal_needs_calibration_data():
+    with pytest.raises(ConfigError, match="calib"):
+        moefx.convert(tiny_hf_model("bert"), MoEConfig(init="split", num_experts=4, top_k=2), heal=True)

@@ -41,6 +41,7 @@ from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
 from ..io import _first_line, _write_failed, atomic_write_text, write_failure
+from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
 from .translations import (
@@ -76,6 +77,7 @@ def export_onnx(
     fused: bool = True,
     exact: bool = False,
     fuse_assigned: bool = False,
+    gather_experts: bool = False,
     force: bool = False,
     opset: int | None = None,
     external_data: bool | None = None,
@@ -98,6 +100,10 @@ def export_onnx(
         exact: keep layers unfused where the fused kernel would approximate them (exact GELU).
         fuse_assigned: also fuse layers whose router assigns experts itself (capacity limits), feeding the
             assignment to the fused node as log-weights.
+        gather_experts: lower every MoE layer to standard ops where each expert gathers its own tokens and runs
+            MatMuls with constant weights, which ONNX Runtime pre-packs: faster than the fused node for
+            prefill-sized inputs (its CPU kernel packs the weights on every run), exact, any ONNX runtime;
+            the graph then has no com.microsoft.MoE node and several nodes per expert.
         force: replace an existing file.
         opset: ONNX opset of the standard-op domain (default: torch's default, at least 18).
         external_data: write the weights to ``<path>.data``; ``None`` does so above 1.5 GiB of weights.
@@ -124,7 +130,7 @@ def export_onnx(
         )
     if opset is not None and opset < 18:
         raise MoefxError(f"opset {opset} is too old: torch.onnx exports opset 18 or newer; pass --opset 18 or above")
-    options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned)
+    options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned, gather_experts=gather_experts)
     path = Path(path)
     if report_path is not None and not Path(report_path).parent.is_dir():
         raise MoefxError(f"{report_path}: the directory for the JSON report does not exist; create it first")
@@ -166,7 +172,7 @@ def export_onnx(
         data_path=str(path.with_name(data_name)) if data_name else None,
         file_bytes=file_bytes,
         opset=onnx_model.opset_imports.get("", 0),
-        options={"fused": fused, "exact": exact, "fuse_assigned": fuse_assigned},
+        options={"fused": fused, "exact": exact, "fuse_assigned": fuse_assigned, "gather_experts": gather_experts},
         layers=layer_reports,
         op_counts=_op_counts(onnx_model),
         inputs=[_describe_value(v) for v in onnx_model.graph.inputs],
@@ -375,7 +381,8 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
         export_kwargs["opset_version"] = opset
     try:
         shim = (_FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec).eval()
-        with _quiet_torch_onnx():
+        # Fused: split layers (unit-weight top-k, shared expert, bias) become one moefx::unit_topk_moe call.
+        with _quiet_torch_onnx(), (export_forwards(model) if options.fused else contextlib.nullcontext()):
             program = torch.onnx.export(
                 shim, tensors, dynamo=True, custom_translation_table=table,
                 dynamic_shapes=(dims,), input_names=input_names, output_names=_output_names(reference),

@@ -68,7 +68,6 @@ GELU_APPROXIMATION = (
     "exact (erf) GELU runs as ONNX Runtime's tanh-approximated GELU (|difference| <= 4.7e-4 per activation); "
     "export with exact=True (--exact) to keep the layer exact, unfused"
 )
-_DENSE_METHOD = "standard ONNX ops: dense [tokens, experts] combine matrix, all experts batched with MatMul"
 _FUNCTION_METHOD = ("one call of the model-local ONNX function {name} (standard ONNX ops: dense [tokens, experts] "
                     "combine matrix, all experts batched with MatMul)")
 
@@ -632,15 +631,16 @@ def _unfused_reason(options: ExportOptions, fused_form: OrtActivation | str) -> 
 @register_translation(torch.ops.moefx.topk_moe.default)
 def translate_topk_moe(options: ExportOptions, x, router_logits, w1, b1, w3, b3, w2, b2, k: int, normalize: bool,
                        activation: str) -> tuple[ir.Value, Lowering]:
-    """Dropless softmax top-k: fused as com.microsoft.MoE, else standard ops."""
+    """Dropless softmax top-k: fused as com.microsoft.MoE, else standard ops (each expert on its own tokens)."""
     experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
     if options.gather_experts:
         return _gathered(x, topk_combine(router_logits, k, normalize), experts)
     form = fused_activation(experts, x, options)
     if options.fused and isinstance(form, OrtActivation):
         return ort_moe(x, router_logits, experts, form, k=k, normalize=normalize)
+    # Standard ops: the gathered form, not dense_experts (every expert on every token is slower than dense).
     combine = topk_combine(router_logits, k, normalize)
-    return dense_experts(x, combine, experts), Lowering(False, _DENSE_METHOD, _unfused_reason(options, form))
+    return gather_experts(x, combine, experts), Lowering(False, _GATHER_METHOD, _unfused_reason(options, form))
 
 
 _ASSIGNED_REASON = (

@@ -658,6 +658,11 @@ def test_cli_export_of_a_saved_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_standard_domains_only(onnx.load(str(onnx_path)))
 
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path), "--gather-experts", "--force")
+    assert result.returncode == 0, result.stderr
+    assert_standard_domains_only(onnx.load(str(onnx_path)))
+    assert "gather_experts" in result.stdout
+
 
 @pytest.mark.slow
 def test_cli_rejects_an_unconverted_model(tmp_path):

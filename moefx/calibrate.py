@@ -37,7 +37,16 @@ from .errors import CalibrationError
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
 
-__all__ = ["Batch", "DenseFFN", "LayerSample", "calibration_batches", "record_ffns", "swap_module"]
+__all__ = [
+    "Batch",
+    "DenseFFN",
+    "LayerSample",
+    "TokenSampler",
+    "calibration_batches",
+    "real_tokens",
+    "record_ffns",
+    "swap_module",
+]
 
 #: One forward pass: positional inputs, keyword inputs, and the ``[batch, seq]`` mask of real tokens (or None).
 Batch = tuple[tuple, dict, "torch.Tensor | None"]
@@ -218,9 +227,13 @@ def _keyword_inputs(model: nn.Module) -> set[str] | None:
     return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def find_tokenizer(model: nn.Module) -> Any:
-    """The model's Hugging Face tokenizer, when its directory (``config._name_or_path``) has one; else None."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+def find_tokenizer(model: nn.Module | str | os.PathLike) -> Any:
+    """The Hugging Face tokenizer of a model directory, or of a model's (``config._name_or_path``), when the
+    directory has one; else None."""
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+    else:
+        path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path or not Path(path).is_dir() or not any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
         return None
     try:
@@ -344,17 +357,59 @@ class LayerSample:
     _keys: torch.Tensor | None = field(default=None, repr=False)
 
 
-class DenseFFN(nn.Module):
-    """The dense FFN of a match, computed exactly, recording its inputs into a :class:`LayerSample`."""
+class TokenSampler:
+    """Keeps a :class:`LayerSample` of the rows it is given: a seeded bottom-k sample of at most
+    ``max_tokens`` input rows (every row draws a key; the smallest keys so far are kept, in arrival order)
+    and running per-neuron statistics of the hidden activations."""
 
-    def __init__(self, match: FFNMatch, max_tokens: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.match = match
+    def __init__(self, max_tokens: int, generator: torch.Generator) -> None:
         self.max_tokens = max_tokens
         self.generator = generator
         self.sample = LayerSample()
         self._abs_sum: torch.Tensor | None = None
         self._positive: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Rows ``x [N, H]`` and their hidden activations ``h [N, I]``."""
+        x = x.float().cpu()
+        h = h.float()
+        s = self.sample
+        s.tokens += x.shape[0]
+        abs_sum, positive = h.abs().sum(0).cpu(), (h > 0).sum(0).cpu()
+        self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
+        self._positive = positive if self._positive is None else self._positive + positive
+        s.abs_mean = self._abs_sum / max(s.tokens, 1)
+        s.active_rate = self._positive.float() / max(s.tokens, 1)
+        keys = torch.rand(x.shape[0], generator=self.generator)
+        if s.inputs is not None:
+            keys, x = torch.cat([s._keys, keys]), torch.cat([s.inputs, x])
+        if keys.shape[0] > self.max_tokens:
+            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
+            keys, x = keys[keep], x[keep]
+        s._keys, s.inputs = keys, x
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x [..., D]`` that are real tokens under a ``[batch, seq]`` mask (all rows without one)."""
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask.to(x.device)]
+    elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+        x = x[mask.reshape(-1).to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+class DenseFFN(nn.Module):
+    """The dense FFN of a match, computed exactly, sampling its inputs into a :class:`TokenSampler`."""
+
+    def __init__(self, match: FFNMatch, max_tokens: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.match = match
+        self.sampler = TokenSampler(max_tokens, generator)
+
+    @property
+    def sample(self) -> LayerSample:
+        return self.sampler.sample
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         m = self.match
@@ -365,31 +420,9 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hidden(x)
-        self._record(x, h)
-        return F.linear(h, self.match.down_weight, self.match.down_bias)
-
-    @torch.no_grad()
-    def _record(self, x: torch.Tensor, h: torch.Tensor) -> None:
         mask = _TOKEN_MASK.get()
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-            x, h = x[mask.to(x.device)], h[mask.to(h.device)]
-        x = x.reshape(-1, x.shape[-1]).float().cpu()
-        h = h.reshape(-1, h.shape[-1]).float()
-        s = self.sample
-        s.tokens += x.shape[0]
-        abs_sum, positive = h.abs().sum(0).cpu(), (h > 0).sum(0).cpu()
-        self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
-        self._positive = positive if self._positive is None else self._positive + positive
-        s.abs_mean = self._abs_sum / max(s.tokens, 1)
-        s.active_rate = self._positive.float() / max(s.tokens, 1)
-        # Bottom-k sampling: every token draws a key; the max_tokens smallest keys so far are the sample.
-        keys = torch.rand(x.shape[0], generator=self.generator)
-        if s.inputs is not None:
-            keys, x = torch.cat([s._keys, keys]), torch.cat([s.inputs, x])
-        if keys.shape[0] > self.max_tokens:
-            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
-            keys, x = keys[keep], x[keep]
-        s._keys, s.inputs = keys, x
+        self.sampler.add(real_tokens(x, mask), real_tokens(h, mask))
+        return F.linear(h, self.match.down_weight, self.match.down_bias)
 
 
 def swap_module(model: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

@@ -465,10 +465,34 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False) -> Pa
             "a model made by moefx.extract_task cannot be rebuilt from its recipe; save the full task model "
             "with moefx.save and extract again after loading, or export the extracted model with export_onnx"
         )
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force) as tmp, _own_storages(model):
         save_model(model, str(tmp / SINGLE_NAME))
         write_metadata_files(model, info, source, tmp, [SINGLE_NAME])
     return out
+
+
+@contextlib.contextmanager
+def _own_storages(model: nn.Module):
+    """Give tensors that are views into a larger storage (a lazily loaded, memory-mapped checkpoint) their own
+    copy while inside, ties kept: safetensors decides which names of a shared storage to keep by which one
+    covers it, and a view into a whole mapped file covers nothing."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in list(table.items()):
+                if t is None or t.untyped_storage().nbytes() == t.numel() * t.element_size():
+                    continue
+                if id(t) not in copies:
+                    data = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+                swapped.append((table, key, t))
+                table[key] = copies[id(t)]
+    try:
+        yield
+    finally:
+        for table, key, t in swapped:
+            table[key] = t
 
 
 def write_metadata_files(model: nn.Module, info, source: dict[str, Any], tmp: Path, weight_files: list[str]) -> None:
@@ -547,7 +571,8 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
 
     out = Path(out)
     recipe = read_recipe(out)
-    for weights in checkpoint_files(out):  # before the (slow) rebuild
+    has_index = (out / "model.safetensors.index.json").exists()
+    for weights in checkpoint_files(out) if has_index else [out / SINGLE_NAME]:  # before the (slow) rebuild
         check_safetensors(weights, fix="convert the model again")
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out, recipe.get("example_inputs"))
@@ -641,7 +666,11 @@ def _rebuild_hf_without_weights(out: Path, source: dict[str, Any]) -> tuple[nn.M
 
     from .hf import build_without_weights
 
-    config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({_first_line(exc)}); "
+                             "restore it from the source model or convert the model again") from None
     cls = _hf_class({"architectures": [source.get("architecture")]})
     dense = build_without_weights(cls, config, real_buffers=True)
     buffers = {}

@@ -51,6 +51,13 @@ def split_sizes(match: FFNMatch, config: MoEConfig) -> tuple[int, int]:
     return size, size * config.shared_experts
 
 
+def partition_used(config: MoEConfig, *, calibrated: bool) -> str:
+    """The partition a split conversion uses: ``config.partition``, by default ``coactivation`` with
+    calibration data and ``cluster`` without; ``coactivation`` without data falls back to ``cluster``."""
+    partition = config.partition or ("coactivation" if calibrated else "cluster")
+    return "cluster" if partition == "coactivation" and not calibrated else partition
+
+
 @dataclass
 class SplitPlan:
     """Which neurons go where: ``groups [E, expert_size]`` (routed experts) and ``shared [shared_size]``."""
@@ -163,9 +170,7 @@ def plan_split(match: FFNMatch, config: MoEConfig, generator: torch.Generator,
     """Partition the FFN's neurons (see the module docstring); ``inputs [N, H]`` are calibration inputs."""
     expert_size, shared_size = split_sizes(match, config)
     hidden = match.hidden_features
-    partition = config.partition or ("coactivation" if inputs is not None else "cluster")
-    if partition == "coactivation" and inputs is None:
-        partition = "cluster"  # the caller reports the fallback
+    partition = partition_used(config, calibrated=inputs is not None)
     contrib = None
     if inputs is not None:
         contrib = hidden_activations(match, inputs).abs() * _down_norms(match)  # [N, I]
@@ -222,12 +227,19 @@ def fit_router(x: torch.Tensor, target: torch.Tensor, steps: int = 300, lr: floa
     weight = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
     bias = torch.zeros(target.shape[1], requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    # Hundreds of small steps: one thread, since a parallel region's barrier costs more than these ops save
+    # (10x more under CPU contention, where a spinning OpenMP thread waits for a descheduled one).
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     weight, bias = weight.detach(), bias.detach()
     # Undo the standardisation: w.(x - m)/s + b = (w/s).x + (b - w.m/s).
     return weight / std, bias - (weight / std) @ mean

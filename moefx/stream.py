@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibrate import LayerSample
 from .checkpoint import (
     INDEX_NAME,
     ShardWriter,
@@ -54,7 +55,7 @@ from .checkpoint import (
     write_index,
 )
 from .config import MoEConfig
-from .errors import ModelLoadError, MoefxError, OutputExistsError
+from .errors import CalibrationError, ModelLoadError, MoefxError, OutputExistsError
 from .progress import progress
 
 __all__ = ["DEFAULT_SHARD_SIZE", "StreamPlan", "StreamResult", "parse_size", "plan_stream", "run_stream",
@@ -360,9 +361,10 @@ class _Reader:
 class _Producer:
     """Makes output tensors on demand: copies, or an MoE layer's tensors (built once, dropped once written)."""
 
-    def __init__(self, plan: StreamPlan, reader: _Reader) -> None:
+    def __init__(self, plan: StreamPlan, reader: _Reader, calibration: dict[str, LayerSample] | None = None) -> None:
         self.plan = plan
         self.reader = reader
+        self.calibration = calibration or {}
         self.cache: dict[str, torch.Tensor] = {}
         self.warnings: list[str] = []
 
@@ -410,7 +412,9 @@ class _Producer:
         # A float32 sum is finite when every value is (barring overflow): a cheap screen before the full check.
         if not all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in loaded.values()):
             self.warnings.extend(_non_finite_weights([dataclasses.replace(layer.ffn, match=match)]))
-        moe = build_moe_layer(match, self.plan.config, layer.index, layer.ffn.name)
+        sample = self.calibration.get(layer.ffn.name)
+        moe = build_moe_layer(match, self.plan.config, layer.index, layer.ffn.name,
+                              calib_inputs=None if sample is None else sample.inputs)
         written = set(self.plan.tensors)
         for key, value in moe.state_dict().items():
             name = f"{layer.prefix}.{key}"
@@ -462,16 +466,56 @@ def _prepare_work_dir(plan: StreamPlan, work: Path) -> dict[str, Any]:
     return state
 
 
+def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = 16384,
+                     tokenizer: Any = None) -> dict[str, LayerSample]:
+    """Calibration statistics for ``plan``'s FFNs in bounded memory: the calibration batches go through the
+    model one decoder layer at a time (:class:`~moefx.layerwise.LayerwiseRunner`), and each FFN keeps the same
+    seeded sample of its inputs ``moefx.convert(..., calib=...)`` keeps, so the streamed conversion equals the
+    in-memory one."""
+    from .calibrate import TokenSampler, calibration_batches, find_tokenizer, real_tokens
+    from .experts import layer_generator
+    from .layerwise import LayerwiseRunner
+
+    runner = LayerwiseRunner(plan.source_dir)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(plan.source_dir)
+    example = ((), {"input_ids": torch.zeros(1, 1, dtype=torch.long)})
+    feeds, masks = [], []
+    for args, kwargs, mask in calibration_batches(calib, runner.model, example, tokenizer=tokenizer):
+        feeds.append({"input_ids": args[0], **kwargs} if args else kwargs)
+        masks.append(mask)
+    if not feeds:
+        raise CalibrationError("the calibration data holds no batches; give at least one example")
+    samplers = {layer.ffn.name: TokenSampler(calib_tokens, layer_generator(plan.config, layer.index, stream=3))
+                for layer in plan.layers.values()}
+
+    def on_ffn(a) -> None:
+        sampler = samplers.get(a.name)
+        if sampler is not None:
+            mask = masks[a.batch]
+            sampler.add(real_tokens(a.inputs, mask), real_tokens(a.hidden, mask))
+
+    runner.run(feeds, on_ffn)
+    return {name: sampler.sample for name, sampler in samplers.items()}
+
+
 def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
-               crash_after_shards: int | None = None) -> StreamResult:
+               crash_after_shards: int | None = None, calibration: dict[str, LayerSample] | None = None) -> StreamResult:
     """Carry out ``plan``, writing the converted model to the directory ``out`` (see the module docstring).
 
+    ``calibration``: the FFNs' calibration samples (:func:`calibrate_stream`), for ``init='split'``.
     ``crash_after_shards`` raises ``KeyboardInterrupt`` after that many shards were written in this run
     (for tests of resume; a real interruption is the same).
     """
     from .io import _move_into_place, write_metadata_files
 
     start = time.perf_counter()
+    if calibration is not None:
+        digest = hashlib.sha256(plan.fingerprint.encode())
+        for name in sorted(calibration):
+            digest.update(name.encode() + calibration[name].inputs.numpy().tobytes())
+        plan = dataclasses.replace(plan, fingerprint=digest.hexdigest())  # other data: start over
+    _record_split_layers(plan, calibration)
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it")
@@ -481,7 +525,7 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
     work = _partial_dir(out)
     state = _prepare_work_dir(plan, work)
     reader = _Reader()
-    producer = _Producer(plan, reader)
+    producer = _Producer(plan, reader, calibration)
     done = state["done"]
     todo = [i for i, f in enumerate(plan.shard_files) if f not in done]
     total = sum(plan.tensors[n].nbytes for i in todo for n in plan.shards[i])
@@ -534,6 +578,24 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
     _move_into_place(work, out)
     return StreamResult(out, time.perf_counter() - start, reader.bytes_read, written, shards_written,
                         len(plan.shard_files) - len(todo))
+
+
+def _record_split_layers(plan: StreamPlan, calibration: dict[str, LayerSample] | None) -> None:
+    """The recipe's per-layer split fields, as ``moefx.convert`` records them (known without building)."""
+    config = plan.config
+    if config.init != "split":
+        return
+    from .split import partition_used, split_sizes
+
+    by_name = {layer.ffn.name: layer for layer in plan.layers.values()}
+    for d in plan.model.moefx_info.layers:
+        layer = by_name.get(d["name"])
+        if layer is None:
+            continue
+        d["partition"] = partition_used(config, calibrated=calibration is not None)
+        d["shared_size"] = split_sizes(layer.ffn.match, config)[1]
+        if calibration is not None:
+            d["calibration_tokens"] = calibration[d["name"]].tokens
 
 
 def stream_convert(source_dir: str | os.PathLike, out: str | os.PathLike, config: MoEConfig | None = None, *,

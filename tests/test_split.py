@@ -319,3 +319,39 @@ def test_healing_by_gradient_for_experts_that_are_not_split():
 def test_convert_with_heal_needs_calibration_data():
     with pytest.raises(ConfigError, match="calib"):
         moefx.convert(tiny_hf_model("bert"), MoEConfig(init="split", num_experts=4, top_k=2), heal=True)
+
+
+def test_a_lazily_loaded_split_model_saves_again_and_partitions(tmp_path):
+    # The example model ties lm_head to the embeddings; a lazy load maps every weight from one file.
+    from pathlib import Path
+
+    from moefx.io import load_source
+    from moefx.placement.planner import model_fingerprint, plan_placement
+    from moefx.placement.shards import write_partition
+    from moefx.placement.stats import calibration_batches as placement_batches
+    from moefx.placement.stats import record_stats
+
+    source = load_source(Path(__file__).parent.parent / "examples" / "models" / "tiny-llama")
+    moe = moefx.convert(source.model, MoEConfig(init="split", num_experts=4, top_k=2), inplace=True,
+                        source=source.to_dict())
+    moefx.save(moe, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out")
+    moefx.save(loaded, tmp_path / "again")
+    again = moefx.load(tmp_path / "again")
+    ids = _ids(4)
+    assert torch.equal(again(input_ids=ids).logits, moe(input_ids=ids).logits)
+    stats = record_stats(loaded, placement_batches(loaded, None))
+    plan = plan_placement(stats, 2, fingerprint=model_fingerprint(loaded))
+    write_partition(loaded, plan, tmp_path / "plan", stats=stats, picture=False)
+    assert sorted(p.name for p in (tmp_path / "plan").glob("rank-*.safetensors")) == [
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+
+
+def test_lora_experts_are_not_placed_on_devices():
+    from moefx.errors import MoefxError
+    from moefx.placement.stats import calibration_batches as placement_batches
+    from moefx.placement.stats import record_stats
+
+    moe = moefx.convert(tiny_hf_model("llama"), MoEConfig(init="lora", num_experts=4, top_k=2))
+    with pytest.raises(MoefxError, match="low-rank adapters"):
+        record_stats(moe, placement_batches(moe, None))

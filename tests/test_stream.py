@@ -99,6 +99,29 @@ def test_streamed_output_equals_in_memory_conversion_byte_for_byte(tmp_path, arc
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_streamed_split_equals_in_memory_split_byte_for_byte(tmp_path, calibrated):
+    # Calibration streams too: the batches go through one decoder layer at a time, and each FFN keeps the
+    # same seeded sample of its inputs that the in-memory conversion keeps.
+    from moefx.stream import calibrate_stream
+
+    src = _hf_dir(tmp_path, "llama", dtype=torch.float32)
+    config = moefx.MoEConfig(num_experts=3, top_k=1, shared_experts=1, init="split", seed=1)
+    calib = None
+    if calibrated:
+        ids = torch.randint(1, 96, (12, 7), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[::2, 5:] = 0  # padding is left out of both samples
+        calib = {"input_ids": ids, "attention_mask": mask}
+    source = load_source(src)
+    model = moefx.convert(source.model, config, inplace=True, source=source.to_dict(), calib=calib, calib_tokens=40)
+    moefx.save(model, tmp_path / "memory")
+    plan = plan_stream(src, config)
+    calibration = calibrate_stream(plan, calib, calib_tokens=40) if calibrated else None
+    run_stream(plan, tmp_path / "streamed", calibration=calibration)
+    assert _same_files(tmp_path / "memory", tmp_path / "streamed") == []
+
+
 def test_sharded_output_loads_lazily_with_the_same_tensors_and_outputs(tmp_path):
     src = _hf_dir(tmp_path, "llama-tied")
     config = moefx.MoEConfig(num_experts=4, init="random", expert_size=16)

@@ -204,9 +204,6 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         from .stream import run_streamed
 
-        if args.calib is not None:
-            raise ConfigError("--calib is not supported with --stream yet: convert without --stream, or stream a "
-                              "weight-only conversion (--init split without --calib)")
 
         try:
             return run_streamed(args, config, out)

@@ -50,7 +50,10 @@ def _rank_state(model: nn.Module, plan: Plan, rank: int) -> dict[str, torch.Tens
     for key, value in model.state_dict().items():
         prefix = next((p for p in expert_prefixes if key.startswith(p)), None)
         if prefix is None:
-            state[key] = value.detach().contiguous()
+            value = value.detach().contiguous()
+            if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+                value = value.clone()  # a view into a memory-mapped checkpoint (lazy load): its own storage
+            state[key] = value
             continue
         local = plan.layers[expert_prefixes[prefix]][rank]
         index = torch.tensor(local, dtype=torch.long)

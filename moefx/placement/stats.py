@@ -132,6 +132,10 @@ def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> Loa
     """
     layers = _moe_layers(model)
     names = [name for name, _ in layers]
+    for name, layer in layers:
+        if layer.experts.num_experts != layer.num_experts:
+            raise MoefxError(f"{name}: its experts are low-rank adapters on one shared dense FFN (init='lora'), "
+                             "not separate FFNs that devices can hold; run the model on one device")
     num_experts = {layer.num_experts for _, layer in layers}
     if len(num_experts) != 1:
         raise MoefxError(f"MoE layers with different expert counts {sorted(num_experts)} are not supported by the planner")

@@ -12,7 +12,11 @@ moefx's kernel runs its expert GEMMs through oneDNN where that is faster than ``
 GEMM is about half as fast); the script also times it restricted to ``F.linear``, the routine the dense FFN
 and the Mixtral block use, so that both comparisons are visible.
 
-Goals (issue 5): ORT fused MoE >= 3x ORT dense; eager MoE >= 3x eager dense and no slower than
+ORT runs the MoE layer exported three ways: fused (one ``com.microsoft.MoE`` node), unfused (standard ops,
+every expert on every token) and gather (``export_onnx(gather_experts=True)``: per expert, its tokens
+gathered and MatMuls with constant weights that ORT pre-packs).
+
+Goals (issue 5): ORT fused (or gather) MoE >= 3x ORT dense; eager MoE >= 3x eager dense and no slower than
 MixtralSparseMoeBlock; Soft MoE with one slot per token (experts the size of the dense FFN, so its FLOPs
 match) <= 1.3x dense; router overhead (everything but the expert GEMMs) < 15% of the layer at 512 tokens.
 """
@@ -179,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             x_export = torch.randn(2, 5, HIDDEN)
             files["dense"] = Path(tmp) / "dense.onnx"
             export_dense_onnx(dense, (x_export,), {}, files["dense"])
-            for fused in (True, False):
-                key = "moe-fused" if fused else "moe-unfused"
+            for key in ("moe-fused", "moe-unfused", "moe-gather"):
                 files[key] = Path(tmp) / f"{key}.onnx"
-                moefx.export_onnx(moe, (x_export,), files[key], fused=fused, verify=False, force=True)
+                moefx.export_onnx(moe, (x_export,), files[key], fused=key == "moe-fused", verify=False, force=True,
+                                  gather_experts=key == "moe-gather")
         for t in threads:
             torch.set_num_threads(t)
             for n in token_counts:
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 if files:
                     ratios["ORT dense / ORT fused MoE (goal >= 3)"] = ms["ort-dense"] / ms["ort-moe-fused"]
                     ratios["ORT dense / ORT unfused MoE"] = ms["ort-dense"] / ms["ort-moe-unfused"]
+                    ratios["ORT dense / ORT gather MoE (gather_experts=True; goal >= 3)"] = (
+                        ms["ort-dense"] / ms["ort-moe-gather"])
                 row["ratios"] = ratios
                 results.append(row)
                 times = "  ".join(f"{k} {v:.3f}" for k, v in ms.items())

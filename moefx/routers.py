@@ -632,8 +632,11 @@ class TaskRouter(Router):
     A learned table of logits ``[num_tasks, E]`` (a linear router on one-hot task embeddings); every token of
     an example with task ``t`` goes to the top-k experts of ``softmax(table[t])`` (renormalised when
     ``normalize_weights``), dropless. The task ids come from ``with moefx.tasks.task_ids(ids):`` (one int for
-    the whole batch, or one per example). Since a task always uses the same k experts,
-    :func:`moefx.tasks.extract_task` can cut a model down to one task's experts.
+    the whole batch, one per example, or one per token as a ``[batch, seq]`` tensor). Since a task always uses
+    the same k experts, :func:`moefx.tasks.extract_task` can cut a model down to one task's experts.
+
+    Under ``torch.export`` the ids may be a traced tensor (an ONNX graph input: ``moefx.export_onnx`` makes
+    one); the route is then a gather from the logits table, computed at run time.
     """
 
     name = "task"
@@ -668,16 +671,23 @@ class TaskRouter(Router):
             self._check_task(ids)
             return torch.full((num_tokens,), ids, dtype=torch.long, device=device)
         groups, m = _groups(num_tokens, group_size)
-        if ids.numel() != groups:
+        per_token = ids.dim() == 2
+        if ids.numel() != (num_tokens if per_token else groups):
+            got = f"{tuple(ids.shape)} task ids (one per token)" if per_token else f"{ids.numel()} task ids"
             raise ConfigError(
-                f"got {ids.numel()} task ids but the MoE layer saw {groups} example(s) of {m} tokens; pass one int "
-                "for the whole batch or one task id per example"
+                f"got {got} but the MoE layer saw {groups} example(s) of {m} tokens; pass one int for the whole "
+                "batch, one task id per example or a [batch, seq] tensor of one per token"
             )
         if not _tracing():
             bad = ids[(ids < 0) | (ids >= self.num_tasks)]
             if bad.numel():
                 self._check_task(int(bad[0]))
-        return ids.to(device).repeat_interleave(m)
+        ids = ids.to(device=device, dtype=torch.long)
+        if per_token:
+            return ids.reshape(num_tokens)
+        # One id per example, repeated over its tokens (expand, not repeat_interleave: it exports to ONNX with
+        # symbolic batch and sequence sizes).
+        return ids.reshape(groups, 1).expand(groups, m).reshape(num_tokens)
 
     def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
         tasks = self._token_tasks(x.shape[0], group_size, x.device)  # [T]

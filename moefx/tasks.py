@@ -41,8 +41,9 @@ def task_ids(ids: int | Sequence[int] | torch.Tensor) -> Iterator[None]:
     """Run the enclosed forward passes with these task ids (``router='task'``).
 
     Args:
-        ids: one int (every example has this task) or one int per example (a sequence or a 1-D integer
-            tensor whose length is the batch size).
+        ids: one int (every example has this task), one int per example (a sequence or a 1-D integer
+            tensor whose length is the batch size), or one int per token (a 2-D integer tensor shaped like the
+            token ids, ``[batch, seq]``).
     """
     token = _TASK_IDS.set(_normalize_task_ids(ids))
     try:
@@ -75,7 +76,7 @@ def modality(mask: torch.Tensor | Sequence[Sequence[int]]) -> Iterator[None]:
 
 
 def current_task_ids() -> int | torch.Tensor | None:
-    """The task ids set by the innermost :func:`task_ids` block (an int or a 1-D int64 tensor), or None."""
+    """The task ids set by the innermost :func:`task_ids` block (an int, or a 1-D or 2-D int64 tensor), or None."""
     return _TASK_IDS.get()
 
 
@@ -97,10 +98,10 @@ def _normalize_task_ids(ids: int | Sequence[int] | torch.Tensor) -> int | torch.
         raise ConfigError(
             f"task ids must be one int or one int per example, got {type(ids).__name__}"
         ) from None
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 1:
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 2:
         raise ConfigError(
-            f"task ids must be one int or a 1-D sequence of ints (one per example), got dtype {value.dtype} "
-            f"and shape {tuple(value.shape)}"
+            f"task ids must be one int, a 1-D sequence of ints (one per example) or a 2-D [batch, seq] tensor "
+            f"(one per token), got dtype {value.dtype} and shape {tuple(value.shape)}"
         )
     if value.dim() == 0:
         return _normalize_task_ids(int(value))

@@ -200,12 +200,14 @@ def converted_dir(tmp_path_factory):
 
 
 def test_run_bench_converted_model(converted_dir):
-    report = run_bench(converted_dir, batches=[1, 2], seqs=[4], runtimes=["torch", "ort-fused"], min_seconds=0.01,
-                       rounds=1)
+    report = run_bench(converted_dir, batches=[1, 2], seqs=[4], runtimes=["torch", "ort-fused", "ort-gather"],
+                       min_seconds=0.01, rounds=1)
     keys = {(m.model, m.runtime, m.batch) for m in report.measurements}
     for batch in (1, 2):
         assert {("dense", "torch", batch), ("moe", "torch", batch), ("dense", "ort", batch),
-                ("moe", "ort-fused", batch), ("ffn-dense", "torch", batch), ("ffn-moe", "ort-fused", batch)} <= keys
+                ("moe", "ort-fused", batch), ("ffn-dense", "torch", batch), ("ffn-moe", "ort-fused", batch),
+                ("moe", "ort-gather", batch), ("ffn-moe", "ort-gather", batch)} <= keys
+    assert {s.runtime for s in report.speedups} == {"torch", "ort-fused", "ort-gather"}
     dense, moe = report.costs["dense"], report.costs["moe"]
     assert moe["params"] > dense["params"]  # upcycled: 4 copies of each FFN
     # Upcycled top-2: each token runs two full-size experts, so the FFN FLOPs double (plus the router).

@@ -8,6 +8,7 @@ file stands alone (onnx.checker, a fresh process without moefx).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +38,9 @@ from moefx.onnx.translations import (  # noqa: E402
 )
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
+#: What a fused split layer may hold besides its one MoE node: the top-k that sets router_probs (no expert math).
+ROUTING_OPS = {"com.microsoft::MoE", "Softmax", "TopK", "ScatterElements", "Expand", "Shape", "Concat", "Cast",
+               "CastLike", "Constant"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,10 +55,15 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def ort_vs_torch(path: Path, model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
-    """Max abs difference between ONNX Runtime and the torch model over every float output."""
+    """Max abs difference between ONNX Runtime and the torch model over every float output.
+
+    ``inputs["task_ids"]``, if there, is a graph input for ONNX Runtime and the ``moefx.task_ids`` context for torch.
+    """
     sess = session(path)
     got = sess.run(None, {i.name: inputs[i.name].numpy() for i in sess.get_inputs()})
-    with torch.no_grad():
+    inputs = dict(inputs)
+    tasks = inputs.pop("task_ids", None)
+    with torch.no_grad(), (moefx.task_ids(tasks) if tasks is not None else contextlib.nullcontext()):
         out = model(**inputs, **({"use_cache": False} if "use_cache" in _params(model) else {}))
     want = [t for t in (out.values() if hasattr(out, "values") else out) if isinstance(t, torch.Tensor)]
     assert len(got) == len(want)
@@ -154,7 +163,22 @@ def test_stable_sort_translation_breaks_ties_like_torch(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 HF_CASES = [("gpt2", "upcycle"), ("gpt2", "random"), ("bert", "random"), ("llama", "upcycle"),
-            ("llama", "random"), ("t5", "random")]
+            ("llama", "random"), ("t5", "random"), ("gpt2", "split"), ("bert", "split"), ("llama", "split-shared"),
+            ("t5", "split-shared")]
+
+#: MoEConfig per init of the parity matrix; "split-shared": 6 routed experts + a shared expert of 2 groups.
+INIT_CONFIGS = {
+    "upcycle": {"num_experts": 4, "top_k": 2, "init": "upcycle"},
+    "random": {"num_experts": 4, "top_k": 2, "init": "random"},
+    "split": {"num_experts": 4, "top_k": 2, "init": "split"},
+    "split-shared": {"num_experts": 6, "top_k": 2, "init": "split", "shared_experts": 2},
+}
+
+
+def fused_experts(init: str) -> int:
+    """Experts of the fused node: a shared expert of s groups joins as s always-on experts."""
+    config = INIT_CONFIGS[init]
+    return config["num_experts"] + config.get("shared_experts", 0)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +188,19 @@ def converted_hf():
     def get(name: str, init: str, padded: bool = False) -> nn.Module:
         if (name, init, padded) not in cache:
             dense = tiny_hf_model(name)
-            cache[name, init, padded] = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init=init),
-                                                      example_kwargs=hf_inputs(name, 2, 8, seed=0, padded=padded))
+            model = moefx.convert(dense, moefx.MoEConfig(**INIT_CONFIGS[init]),
+                                  example_kwargs=hf_inputs(name, 2, 8, seed=0, padded=padded))
+            if init.startswith("split"):
+                # Without calibration data the layer bias is the dense down bias (none in LLaMA and T5) and the
+                # expert down biases (compensation) are zero: give both values, so the export must place them.
+                g = torch.Generator().manual_seed(5)
+                with torch.no_grad():
+                    for _, layer in moefx.moe_layers(model):
+                        assert layer.router.unit_weights and layer.bias is not None
+                        assert (layer.shared is not None) == (init == "split-shared")
+                        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.1)
+                        layer.experts.b2.copy_(torch.randn(layer.experts.b2.shape, generator=g) * 0.1)
+            cache[name, init, padded] = model
         return cache[name, init, padded]
 
     return get
@@ -184,9 +219,17 @@ def test_hf_model_matches_torch(converted_hf, tmp_path, name, init, fused):
     onnx.checker.check_model(str(path), full_check=True)
     assert len(report.layers) == len(layers)
     if fused:
-        assert all(layer.fused and layer.nodes == {"com.microsoft::MoE": 1} for layer in report.layers)
+        assert all(layer.fused and layer.nodes["com.microsoft::MoE"] == 1 for layer in report.layers)
+        if init.startswith("split"):  # the router's own top-k picks which experts get router_probs 0
+            assert all(set(layer.nodes) <= ROUTING_OPS for layer in report.layers), report.layers[0].nodes
+        else:
+            assert all(layer.nodes == {"com.microsoft::MoE": 1} for layer in report.layers)
         assert len(moe_nodes(proto)) == len(layers)
-        assert_no_per_expert_subgraphs(proto, num_experts=4)
+        assert_no_per_expert_subgraphs(proto, num_experts=fused_experts(init))
+    elif init.startswith("split"):  # unit weights are an assignment: the moefx function, standard ops inside
+        assert not any(layer.fused for layer in report.layers)
+        assert {n.domain for n in proto.graph.node} <= STANDARD_DOMAINS | {"moefx"}
+        assert {n.domain for f in proto.functions for n in f.node} <= STANDARD_DOMAINS
     else:
         assert not any(layer.fused for layer in report.layers)
         assert_standard_domains_only(proto)
@@ -291,6 +334,48 @@ def test_routing_variants_fused(tmp_path, top_k, normalize):
         assert np.abs(got - moe(x).numpy()).max() <= 1e-4
 
 
+SPLIT_VARIANTS = {
+    # id: (FFN factory, MoEConfig fields, fused?)
+    "swiglu-bias-k3-shared1": (lambda: GatedMLP(bias=True), {"num_experts": 7, "top_k": 3, "shared_experts": 1}, True),
+    "relu-k1": (lambda: MLP(act=nn.ReLU()), {"num_experts": 8, "top_k": 1}, True),
+    "quick_gelu-shared3": (lambda: MLP(act=QuickGELU()), {"num_experts": 5, "top_k": 2, "shared_experts": 3}, True),
+    "geglu-shared2": (lambda: GatedMLP(act=nn.GELU()), {"num_experts": 6, "top_k": 2, "shared_experts": 2}, False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(SPLIT_VARIANTS))
+def test_split_layer_variants(tmp_path, variant):
+    """Unit weights with k = 1 and 3 (fc2 scaled by k + s), shared experts of 1 to 3 groups, biases; a layer
+    ORT cannot run (GeGLU) falls back to the moefx function plus the shared expert and bias in standard ops."""
+    factory, fields, fused = SPLIT_VARIANTS[variant]
+    moe = moefx.convert(toy_model(factory), moefx.MoEConfig(init="split", **fields), torch.randn(2, 6, 16))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in moefx.moe_layers(moe):
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+            layer.experts.b2.copy_(torch.randn(layer.experts.b2.shape, generator=g))
+    path = tmp_path / "split.onnx"
+    report = export_onnx(moe, None, path)
+    assert [layer.fused for layer in report.layers] == [fused, fused]
+    proto = onnx.load(str(path))
+    assert len(moe_nodes(proto)) == (2 if fused else 0)
+    if fused:
+        k = fields["top_k"] + fields.get("shared_experts", 0)
+        assert all(layer.lowering.attributes["k"] == k for layer in report.layers)
+        assert_no_per_expert_subgraphs(proto, num_experts=fields["num_experts"] + fields.get("shared_experts", 0))
+    else:
+        for layer in report.layers:
+            calls = {op: n for op, n in layer.nodes.items() if op.startswith("moefx::")}
+            assert "GeGLU" in layer.lowering.reason and list(calls.values()) == [1], layer.nodes
+            assert next(iter(calls)).startswith("moefx::moe_ffn_gelu_gated")
+    x = torch.randn(3, 5, 16) * 2
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - moe(x).numpy()).max() <= 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # capacity factor: falls back to unfused (or fuses with log-weights when asked)
 # ---------------------------------------------------------------------------------------------------------
@@ -325,18 +410,20 @@ def test_capacity_factor_layer(tmp_path, fuse_assigned):
 # routers without an ORT kernel: one call of a model-local moefx function per layer
 # ---------------------------------------------------------------------------------------------------------
 
-ROUTER_CASES = [(name, router) for name in ("gpt2", "bert") for router in ("bpr", "expert-choice", "soft")]
+ROUTER_CASES = [(name, router) for name in ("gpt2", "bert", "t5") for router in ("bpr", "expert-choice", "soft")]
+ROUTER_PARAMS = [pytest.param(n, r, id=f"{n}-{r}", marks=[pytest.mark.slow] if n == "t5" else [])
+                 for n, r in ROUTER_CASES]
 
 
 def moefx_function_calls(model_proto) -> list:
     return [n for n in model_proto.graph.node if n.domain == "moefx"]
 
 
-@pytest.mark.parametrize(("name", "router"), ROUTER_CASES, ids=[f"{n}-{r}" for n, r in ROUTER_CASES])
+@pytest.mark.parametrize(("name", "router"), ROUTER_PARAMS)
 def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path, name, router):
     extra = {"capacity_factor": 1.0} if router == "bpr" else {}
-    if name == "gpt2" and router in ("soft", "expert-choice"):
-        extra["allow_noncausal"] = True  # token-mixing routers in a causal decoder
+    if name in ("gpt2", "t5") and router in ("soft", "expert-choice"):
+        extra["allow_noncausal"] = True  # token-mixing routers in a causal decoder (GPT-2, T5's decoder)
     config = moefx.MoEConfig(num_experts=4, top_k=2, init="random", router=router, **extra)
     model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
     layers = moefx.moe_layers(model)
@@ -346,7 +433,7 @@ def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path,
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     calls = moefx_function_calls(proto)
-    assert len(calls) == len(layers) == 2
+    assert len(calls) == len(layers) == (4 if name == "t5" else 2)  # T5: two encoder, two decoder FFNs
     functions = {(f.domain, f.name): f for f in proto.functions}
     assert {(n.domain, n.op_type) for n in calls} <= set(functions)
     assert all(f.domain == "moefx" and f.node for f in proto.functions)
@@ -362,6 +449,84 @@ def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path,
     for batch, seq in ((3, 8), (3, 5), (1, 11)):
         error = ort_vs_torch(path, model, hf_inputs(name, batch, seq, seed=1))
         assert error <= 1e-4, f"{name}/{router} at batch {batch}, seq {seq}: max abs error {error:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gather_experts: per-expert Gather + MatMul with constant weights (ORT pre-packs them)
+# ---------------------------------------------------------------------------------------------------------
+
+GATHER_CASES = [("llama", "random", {}), ("bert", "split-shared", {}),
+                ("gpt2", "random", {"router": "soft", "allow_noncausal": True})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "init", "extra"), GATHER_CASES, ids=[f"{n}-{i}-{e.get('router', 'topk')}"
+                                                                        for n, i, e in GATHER_CASES])
+def test_gather_experts_uses_constant_2d_weights_and_matches_torch(converted_hf, tmp_path, name, init, extra):
+    if extra:
+        config = moefx.MoEConfig(**{**INIT_CONFIGS[init], **extra})
+        model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
+    else:
+        model = converted_hf(name, init)
+    path = tmp_path / "gather.onnx"
+    report = export_onnx(model, None, path, gather_experts=True)
+    proto = onnx.load(str(path))
+    assert_standard_domains_only(proto)
+    assert report.approximations == []  # erf GELU stays erf
+    experts = moefx.moe_layers(model)[0][1].num_experts
+    for layer in report.layers:
+        assert not layer.fused and "gather_experts" in layer.lowering.reason
+        assert layer.nodes["MatMul"] >= 2 * experts and layer.nodes["ScatterND"] == experts  # 2-3 per expert
+    # Every MatMul that reads an expert weight reads a 2-D initializer (what ORT pre-packs), none a stacked bank.
+    initializers = {i.name: list(i.dims) for i in proto.graph.initializer}
+    weights = [node.input[1] for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
+    assert len(weights) >= 2 * experts * len(report.layers)
+    assert all(len(initializers[w]) == 2 for w in weights)
+    assert not [dims for dims in initializers.values() if len(dims) == 3 and dims[0] == experts]
+    assert report.verification["max_abs_error"] <= 1e-4
+    for batch, seq in ((3, 5), (1, 11)):
+        error = ort_vs_torch(path, model, hf_inputs(name, batch, seq, seed=1))
+        assert error <= 1e-4, f"{name}/{init} at batch {batch}, seq {seq}: max abs error {error:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task router: the task ids are a graph input
+# ---------------------------------------------------------------------------------------------------------
+
+TASK_CASES = [("llama", "example"), ("llama", "token"), ("t5", "example")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "per"), TASK_CASES, ids=[f"{n}-per-{p}" for n, p in TASK_CASES])
+def test_task_router_takes_task_ids_as_a_graph_input(tmp_path, name, per):
+    config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2, init="random", router_init_std=1.0)
+    with moefx.task_ids(0):
+        model = moefx.convert(tiny_hf_model(name), config, example_kwargs=hf_inputs(name, 2, 8, seed=0))
+    path = tmp_path / "task.onnx"
+    report = export_onnx(model, None, path, task_ids=per)
+    assert all(layer.fused and layer.nodes == {"com.microsoft::MoE": 1} for layer in report.layers)
+    assert any("task_ids" in note for note in report.notes)
+    assert report.verification["compared"] and report.verification["max_abs_error"] <= 1e-4
+    task_input = next(i for i in session(path).get_inputs() if i.name == "task_ids")
+    assert task_input.type == "tensor(int64)" and len(task_input.shape) == (2 if per == "token" else 1)
+    assert all(isinstance(d, str) for d in task_input.shape)  # dynamic batch (and sequence)
+
+    inputs = hf_inputs(name, batch=3, seq=5, seed=1)  # export used batch 2, seq 8
+    g = torch.Generator().manual_seed(2)
+    cases = [torch.tensor([0, 1, 2]), torch.tensor([2, 2, 1]), torch.tensor([1, 0, 0])] if per == "example" else [
+        torch.randint(0, 3, (3, 5), generator=g) for _ in range(2)]
+    outputs = []
+    for ids in cases:
+        error = ort_vs_torch(path, model, {**inputs, "task_ids": ids})
+        assert error <= 1e-4, f"task ids {ids.tolist()}: max abs error {error:.2e}"
+        outputs.append(session(path).run(None, {k: v.numpy() for k, v in {**inputs, "task_ids": ids}.items()})[0])
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the ids really change the route
+
+
+def test_task_ids_for_a_model_without_task_routers_is_an_error(tmp_path, small_moe):
+    with pytest.raises(MoefxError, match="no task-routed MoE layer"):
+        export_onnx(small_moe, None, tmp_path / "m.onnx", task_ids=[0, 1])
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,6 +657,11 @@ def test_cli_export_of_a_saved_model(tmp_path):
     result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path), "--unfused", "--force", "--no-verify")
     assert result.returncode == 0, result.stderr
     assert_standard_domains_only(onnx.load(str(onnx_path)))
+
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path), "--gather-experts", "--force")
+    assert result.returncode == 0, result.stderr
+    assert_standard_domains_only(onnx.load(str(onnx_path)))
+    assert "gather_experts" in result.stdout
 
 
 @pytest.mark.slow

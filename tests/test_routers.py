@@ -429,7 +429,7 @@ def test_task_errors_say_what_to_pass():
     with task_ids(7), pytest.raises(ConfigError, match="num_tasks=3"):
         layer(x)
     with pytest.raises(ConfigError, match="one int"):
-        task_ids([[0, 1]]).__enter__()
+        task_ids([[[0, 1]]]).__enter__()  # 3-D: neither per example nor per token
     with pytest.raises(ConfigError, match="router='task'"):
         extract_task(_layer("topk"), 0)
     with pytest.raises(ConfigError, match="out of range"):

@@ -19,7 +19,7 @@ class Measurement:
     """One model in one runtime at one input size."""
 
     model: str  # "dense", "moe", "ffn-dense", "ffn-moe", or the ONNX file's name
-    runtime: str  # "torch", "ort", "ort-fused", "ort-unfused"
+    runtime: str  # "torch", "ort", "ort-fused", "ort-unfused", "ort-gather"
     threads: int
     batch: int
     seq: int

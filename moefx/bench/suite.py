@@ -1,10 +1,11 @@
 """``run_bench``: a converted model against its dense source (or one ONNX file), in torch and ONNX Runtime.
 
 For a moefx output directory the suite rebuilds the dense source model (same architecture; the weights do
-not change the timing), loads the converted model, exports both to ONNX (the MoE model fused and unfused),
-and for every thread count, sequence length and batch size times, round-robin in one process:
+not change the timing), loads the converted model, exports both to ONNX (the MoE model fused, unfused, and with
+per-expert gather + MatMul: ``export_onnx(gather_experts=True)``), and for every thread count, sequence length
+and batch size times, round-robin in one process:
 
-* the whole models: dense and MoE in torch eager, dense in ORT, MoE in ORT fused and unfused;
+* the whole models: dense and MoE in torch eager, dense in ORT, MoE in ORT fused, unfused and gather;
 * one FFN alone: the first converted layer's dense FFN module against its MoE layer, same runtimes.
 
 FLOPs and parameters are counted from what each model executes (:mod:`moefx.bench.counting`); the
@@ -40,7 +41,7 @@ from .timing import interleaved, peak_memory
 __all__ = ["RUNTIMES", "run_bench"]
 
 #: Runtimes a converted model can be benchmarked in.
-RUNTIMES = ("torch", "ort-fused", "ort-unfused")
+RUNTIMES = ("torch", "ort-fused", "ort-unfused", "ort-gather")
 _EXPORT_BATCH, _EXPORT_SEQ = 2, 5  # export sizes: >= 2 and unlike other dims, so the axes stay dynamic
 
 
@@ -235,7 +236,7 @@ def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:
 
 
 def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dict[tuple, tuple[Path, list]]:
-    """ONNX files keyed by (scope, model, runtime): dense in 'ort', the MoE side in 'ort-fused'/'ort-unfused'."""
+    """ONNX files keyed by (scope, model, runtime): dense in 'ort', the MoE side in 'ort-fused'/'-unfused'/'-gather'."""
     from moefx.onnx import export_onnx
 
     files: dict[tuple, tuple[Path, list]] = {}
@@ -248,12 +249,12 @@ def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dic
         file = tmp / f"{scope}-dense.onnx"
         names = export_dense_onnx(dense_model, a, kw, file)
         files[(scope, "dense", "ort")] = (file, names)
-        for runtime in ("ort-fused", "ort-unfused"):
+        for runtime in ("ort-fused", "ort-unfused", "ort-gather"):
             if runtime not in runtimes:
                 continue
             file = tmp / f"{scope}-moe-{runtime}.onnx"
             report = export_onnx(moe_model, a, file, example_kwargs=kw, fused=runtime == "ort-fused", verify=False,
-                                 force=True)
+                                 gather_experts=runtime == "ort-gather", force=True)
             files[(scope, "moe", runtime)] = (file, [i["name"] for i in report.inputs])
     return files
 
@@ -268,7 +269,8 @@ def _speedups(scope, candidates, timings, t, b, s, ideal) -> list[Speedup]:
     out = []
     pairs = [("torch", ("dense", "torch"), ("moe", "torch")),
              ("ort-fused", ("dense", "ort"), ("moe", "ort-fused")),
-             ("ort-unfused", ("dense", "ort"), ("moe", "ort-unfused"))]
+             ("ort-unfused", ("dense", "ort"), ("moe", "ort-unfused")),
+             ("ort-gather", ("dense", "ort"), ("moe", "ort-gather"))]
     for runtime, dense_key, moe_key in pairs:
         if dense_key in candidates and moe_key in candidates:
             d = timings["/".join(dense_key)].p50

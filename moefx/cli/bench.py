@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench", help="benchmark a converted model against its dense source (torch, ONNX Runtime)",
         description="Time MODEL (a moefx output directory: the converted model against its dense source; or an "
-                    ".onnx file) in torch eager and ONNX Runtime (fused and unfused MoE): latency p50/p90/p99, "
+                    ".onnx file) in torch eager and ONNX Runtime (fused, unfused and gather MoE): latency p50/p90/p99, "
                     "tokens/s, peak memory, parameters, active parameters and FLOPs per token, and the realised "
                     "speed-up against the ideal one from active FLOPs, per FFN and for the whole model.",
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,8 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seq", default="128", metavar="LIST", help="sequence lengths, comma-separated (default 128)")
     parser.add_argument("--threads", default="1", metavar="LIST",
                         help="intra-op threads (torch and ORT), comma-separated (default 1)")
-    parser.add_argument("--runtimes", default="torch,ort-fused,ort-unfused", metavar="LIST",
-                        help="torch, ort-fused, ort-unfused (default: all three)")
+    parser.add_argument("--runtimes", default="torch,ort-fused,ort-unfused,ort-gather", metavar="LIST",
+                        help="torch, ort-fused, ort-unfused, ort-gather (per-expert gather + pre-packed MatMuls; "
+                             "default: all four)")
     parser.add_argument("--no-ffn", action="store_true", help="skip timing one FFN layer alone")
     parser.add_argument("--min-seconds", type=float, default=0.5, metavar="S",
                         help="measurement time per model, runtime and size (default 0.5)")

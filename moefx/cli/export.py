@@ -18,6 +18,8 @@ _EXAMPLES = """examples:
   moefx export out/ -o model.onnx --unfused          standard ONNX ops only (any ONNX runtime)
   moefx export out/ -o model.onnx --exact --force    keep exact-GELU layers unfused (no tanh approximation)
   moefx export out/ -o model.onnx --json report.json
+  moefx export out/ -o model.onnx --gather-experts   per-expert Gather + MatMul (ORT pre-packs: faster prefill)
+  moefx export out/ -o model.onnx --task-ids token   task router: one task id per token (graph input task_ids)
 """
 
 
@@ -40,6 +42,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep layers unfused where the fused kernel approximates them (exact GELU)")
     parser.add_argument("--fuse-assigned", action="store_true",
                         help="also fuse layers whose router assigns experts itself (capacity limits), via log-weights")
+    parser.add_argument("--gather-experts", action="store_true",
+                        help="standard ops where each expert gathers its own tokens and runs MatMuls with constant "
+                             "weights (ONNX Runtime pre-packs them): faster than the fused node for long inputs")
+    parser.add_argument("--task-ids", choices=("example", "token"), default=None,
+                        help="models with router='task': the graph input task_ids holds one id per example "
+                             "([batch], the default) or per token ([batch, seq])")
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's, >= 18)")
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="weights in FILE.onnx.data: auto (above 1.5 GiB), always or never")
@@ -70,9 +78,10 @@ def load_converted(spec: str, *, trust_remote_code: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.unfused and (args.exact or args.fuse_assigned):
+    if (args.unfused or args.gather_experts) and (args.exact or args.fuse_assigned):
         flag = "--exact" if args.exact else "--fuse-assigned"
-        raise ConfigError(f"{flag} only changes fused export; drop it or drop --unfused")
+        other = "--unfused" if args.unfused else "--gather-experts"
+        raise ConfigError(f"{flag} only changes fused export; drop it or drop {other}")
     if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
     if not args.output.is_dir():  # a directory is named as such by export_onnx
@@ -83,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     args_, kwargs = inputs if inputs is not None else (None, None)
     report = export_onnx(
         model, args_, args.output, example_kwargs=kwargs, fused=not args.unfused, exact=args.exact,
-        fuse_assigned=args.fuse_assigned, force=args.force, opset=args.opset,
+        fuse_assigned=args.fuse_assigned, gather_experts=args.gather_experts, force=args.force, opset=args.opset,
         external_data={"auto": None, "always": True, "never": False}[args.external_data],
         verify=not args.no_verify, report_path=args.json if args.json not in (None, "-") else None,
+        task_ids=args.task_ids,
     )
     if args.json == "-":
         sys.stdout.write(report.to_json())

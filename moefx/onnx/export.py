@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
 from ..io import _first_line, _write_failed, atomic_write_text, write_failure
+from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
 from .translations import (
@@ -75,11 +77,13 @@ def export_onnx(
     fused: bool = True,
     exact: bool = False,
     fuse_assigned: bool = False,
+    gather_experts: bool = False,
     force: bool = False,
     opset: int | None = None,
     external_data: bool | None = None,
     verify: bool = True,
     report_path: str | os.PathLike | None = None,
+    task_ids: Any = None,
 ) -> ExportReport:
     """Export a converted model to ONNX; each MoE layer becomes one ``com.microsoft.MoE`` node where it can.
 
@@ -96,15 +100,25 @@ def export_onnx(
         exact: keep layers unfused where the fused kernel would approximate them (exact GELU).
         fuse_assigned: also fuse layers whose router assigns experts itself (capacity limits), feeding the
             assignment to the fused node as log-weights.
+        gather_experts: lower every MoE layer to standard ops where each expert gathers its own tokens and runs
+            MatMuls with constant weights, which ONNX Runtime pre-packs: faster than the fused node for
+            prefill-sized inputs (its CPU kernel packs the weights on every run), exact, any ONNX runtime;
+            the graph then has no com.microsoft.MoE node and several nodes per expert.
         force: replace an existing file.
         opset: ONNX opset of the standard-op domain (default: torch's default, at least 18).
         external_data: write the weights to ``<path>.data``; ``None`` does so above 1.5 GiB of weights.
         verify: run the written model once with ONNX Runtime and compare it with torch (in the report).
         report_path: also write the report as JSON there.
+        task_ids: for a model with ``router="task"`` layers: example task ids, which become the graph input
+            ``task_ids`` (int64): a 1-D ``[batch]`` tensor or sequence (one id per example) or a 2-D
+            ``[batch, seq]`` tensor (one id per token); one int is one id per example, all equal; ``"example"``
+            or ``"token"`` pick the layout and let moefx make up the ids (``arange % num_tasks``, sized from the
+            first example input). ``None`` takes the ids of an enclosing ``moefx.task_ids(...)`` block, else is
+            ``"example"``. Refused for a model without task-routed layers.
 
     Raises:
         MoefxError: the model has no MoE layers, or the output path exists (without ``force``) or cannot be
-            written.
+            written, or ``task_ids`` is given for a model without task-routed layers.
         OnnxExportError: torch.onnx failed on the model, or the written file failed a check.
     """
     start = time.perf_counter()
@@ -116,7 +130,7 @@ def export_onnx(
         )
     if opset is not None and opset < 18:
         raise MoefxError(f"opset {opset} is too old: torch.onnx exports opset 18 or newer; pass --opset 18 or above")
-    options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned)
+    options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned, gather_experts=gather_experts)
     path = Path(path)
     if report_path is not None and not Path(report_path).parent.is_dir():
         raise MoefxError(f"{report_path}: the directory for the JSON report does not exist; create it first")
@@ -125,12 +139,17 @@ def export_onnx(
     if _wants_no_cache(model, kwargs):
         kwargs["use_cache"] = False
         notes.append("exported with use_cache=False (no key/value cache inputs or outputs)")
+    tasks = _task_ids_input(layers, task_ids, args, kwargs)
+    if tasks is not None:
+        per = "token ([batch, seq])" if tasks.dim() == 2 else "example ([batch])"
+        notes.append(f"task-routed layers read the graph input {TASK_IDS_INPUT!r} (int64, one task id per {per})")
 
     with _output_staging(path, force) as staging:
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), torch.no_grad(), _task_context(tasks):
             _prime_captured_containers(model, args, kwargs)
             reference = model(*args, **kwargs)
-            onnx_model, input_names, dispatches = _torch_onnx_export(model, args, kwargs, reference, options, opset)
+            onnx_model, input_names, dispatches = _torch_onnx_export(model, args, kwargs, reference, options, opset,
+                                                                     tasks)
         _add_local_functions(onnx_model)
         _fold_weight_preparation(onnx_model)
         _strip_shim_prefix(onnx_model)
@@ -141,7 +160,9 @@ def export_onnx(
         staged = staging / path.name
         ir.save(onnx_model, staged, external_data=data_name)
         _check(staged)
-        verification = _verify(staged, args, kwargs, reference, input_names) if verify else None
+        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        tensors += [tasks] if tasks is not None else []
+        verification = _verify(staged, tensors, reference, input_names) if verify else None
         file_bytes = staged.stat().st_size + ((staging / data_name).stat().st_size if data_name else 0)
         _publish(staging, path, data_name)
 
@@ -151,7 +172,7 @@ def export_onnx(
         data_path=str(path.with_name(data_name)) if data_name else None,
         file_bytes=file_bytes,
         opset=onnx_model.opset_imports.get("", 0),
-        options={"fused": fused, "exact": exact, "fuse_assigned": fuse_assigned},
+        options={"fused": fused, "exact": exact, "fuse_assigned": fuse_assigned, "gather_experts": gather_experts},
         layers=layer_reports,
         op_counts=_op_counts(onnx_model),
         inputs=[_describe_value(v) for v in onnx_model.graph.inputs],
@@ -231,6 +252,67 @@ def _prime_captured_containers(model: nn.Module, args: tuple, kwargs: dict) -> N
             logging.getLogger("moefx").debug("priming captured containers failed: %s", exc)
 
 
+#: The graph input that carries the task ids of a model with task-routed layers.
+TASK_IDS_INPUT = "task_ids"
+
+
+class _TaskIdsCall(_FlatCall):
+    """:class:`_FlatCall` whose last input is the task ids, handed to the task routers for the call."""
+
+    def forward(self, *tensors: torch.Tensor):
+        from .. import tasks
+
+        *inputs, ids = tensors
+        token = tasks._TASK_IDS.set(ids)  # the traced tensor itself: task_ids() would read its values
+        try:
+            return super().forward(*inputs)
+        finally:
+            tasks._TASK_IDS.reset(token)
+
+
+def _task_ids_input(layers: list[tuple[str, nn.Module]], task_ids: Any, args: tuple,
+                    kwargs: dict) -> torch.Tensor | None:
+    """The example task ids (int64, ``[batch]`` or ``[batch, seq]``) for a model with task routers, else None."""
+    from ..routers import TaskRouter
+    from ..tasks import _normalize_task_ids, current_task_ids
+
+    routers = [layer.router for _, layer in layers if isinstance(layer.router, TaskRouter)]
+    if not routers:
+        if task_ids is not None:
+            raise MoefxError("task_ids were given, but the model has no task-routed MoE layer (router='task')")
+        return None
+    ids = task_ids if task_ids is not None else current_task_ids()
+    if ids is None:
+        ids = "example"
+    if isinstance(ids, str) and ids not in ("example", "token"):
+        raise MoefxError(f"task_ids={ids!r}: give task ids, or 'example' / 'token' for one id per example / token")
+    if not isinstance(ids, str):
+        ids = _normalize_task_ids(ids)
+        if not isinstance(ids, int):
+            return ids.long()
+    rank = 2 if ids == "token" else 1
+    first = next((leaf for leaf in pytree.tree_leaves((args, kwargs))
+                  if isinstance(leaf, torch.Tensor) and leaf.dim() >= rank), None)
+    if first is None:
+        raise MoefxError("cannot tell the batch (and sequence) size of the task_ids input from the example inputs: "
+                         "pass task_ids as a tensor")
+    if isinstance(ids, int):
+        return torch.full((first.shape[0],), ids, dtype=torch.long)
+    num_tasks = min(router.num_tasks for router in routers)
+    return (torch.arange(math.prod(first.shape[:rank])) % num_tasks).reshape(first.shape[:rank])
+
+
+@contextlib.contextmanager
+def _task_context(ids: torch.Tensor | None) -> Iterator[None]:
+    if ids is None:
+        yield
+        return
+    from ..tasks import task_ids
+
+    with task_ids(ids):
+        yield
+
+
 def _named_leaves(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec, list[str]]:
     """Flatten ``(args, kwargs)``; name each leaf after the forward parameter it is (or sits in)."""
     leaves_with_path, spec = pytree.tree_flatten_with_path((args, kwargs))
@@ -279,12 +361,17 @@ def _output_names(reference: Any) -> list[str] | None:
 
 
 def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: Any, options: ExportOptions,
-                       opset: int | None) -> tuple[ir.Model, list[str], dict[str, tuple[str, Lowering]]]:
+                       opset: int | None, tasks: torch.Tensor | None = None,
+                       ) -> tuple[ir.Model, list[str], dict[str, tuple[str, Lowering]]]:
     """``torch.onnx.export`` with the dispatch translations; also returns the input names and each dispatch
-    call's ``(op, Lowering)`` by the id its nodes are stamped with."""
+    call's ``(op, Lowering)`` by the id its nodes are stamped with. ``tasks``: the task ids, an extra last
+    input (``task_ids``) that the task routers read through the ``moefx.task_ids`` context."""
     leaves, spec, names = _named_leaves(model, args, kwargs)
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     input_names = [name for name, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)]
+    if tasks is not None:
+        tensors += (tasks,)
+        input_names = _unique([*input_names, TASK_IDS_INPUT])
     dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
     dispatches: dict[str, tuple[str, Lowering]] = {}
     table = {**ATEN_TRANSLATIONS,
@@ -293,8 +380,9 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
     if opset is not None:
         export_kwargs["opset_version"] = opset
     try:
-        shim = _FlatCall(model, leaves, spec).eval()
-        with _quiet_torch_onnx():
+        shim = (_FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec).eval()
+        # Fused: split layers (unit-weight top-k, shared expert, bias) become one moefx::unit_topk_moe call.
+        with _quiet_torch_onnx(), (export_forwards(model) if options.fused else contextlib.nullcontext()):
             program = torch.onnx.export(
                 shim, tensors, dynamo=True, custom_translation_table=table,
                 dynamic_shapes=(dims,), input_names=input_names, output_names=_output_names(reference),
@@ -573,7 +661,7 @@ def _check(path: Path) -> None:
         raise OnnxExportError(f"the exported model fails onnx.checker: {_first_line(exc)} (a bug in moefx)") from exc
 
 
-def _verify(path: Path, args: tuple, kwargs: dict, reference: Any, input_names: list[str]) -> dict[str, Any]:
+def _verify(path: Path, tensors: list[torch.Tensor], reference: Any, input_names: list[str]) -> dict[str, Any]:
     """Run the file once with ONNX Runtime on the example inputs and compare with the torch outputs."""
     try:
         import onnxruntime as ort
@@ -585,7 +673,6 @@ def _verify(path: Path, args: tuple, kwargs: dict, reference: Any, input_names: 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise OnnxExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)} (a bug in moefx)") from exc
-    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
     by_name = dict(zip(input_names, tensors))
     graph_inputs = [i.name for i in session.get_inputs()]
     if not set(graph_inputs) <= set(by_name):  # renamed by the exporter: inputs keep their order

@@ -123,7 +123,9 @@ class ExportReport:
 def _counts_text(counts: dict[str, int]) -> str:
     if not counts:
         return "-"
-    return ", ".join(f"{count} {name}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])[:3]) + (
+    # The dispatch node itself (com.microsoft::MoE, a moefx:: function call) first, then the most frequent.
+    ranked = sorted(counts.items(), key=lambda kv: ("::" not in kv[0], -kv[1]))
+    return ", ".join(f"{count} {name}" for name, count in ranked[:3]) + (
         ", ..." if len(counts) > 3 else "")
 
 

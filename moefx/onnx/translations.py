@@ -9,8 +9,10 @@ how it lowered it and why. A router that brings its own dispatch op registers it
 * :func:`fused_activation` - can ONNX Runtime's MoE kernel compute these experts, and with which attributes;
 * :func:`ort_moe` - the fused node for softmax-top-k routing (router logits fed as ``router_probs``);
 * :func:`ort_moe_weighted` - the fused node for any non-negative per-expert combine weights;
+* :func:`ort_moe_unit` - the fused node for unit-weight top-k (``split`` experts), a shared expert and a bias;
 * :func:`topk_combine`, :func:`assigned_combine` - a dense ``[tokens, experts]`` combine matrix;
 * :func:`dense_experts` - all experts batched with MatMul, combined by that matrix (standard ops only);
+* :func:`gather_experts` - per expert, its tokens gathered and MatMuls with constant weights (standard ops only);
 * :func:`call_moe_ffn_function` - the unfused ``moe_ffn`` as one call of a model-local ONNX function
   ``moefx::moe_ffn_<activation>[_gated][_bias]`` whose body (:func:`moe_ffn_function`) is those standard ops, so
   the graph keeps one dispatch node per layer and any ONNX runtime runs it (the exporter adds the
@@ -35,6 +37,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
+from . import layer_ops  # noqa: F401 - registers moefx::unit_topk_moe
 from .schemas import MOEFX_DOMAIN, moefx_function_opset, ort_moe_opset
 
 __all__ = [
@@ -52,8 +55,10 @@ __all__ = [
     "call_moe_ffn_function",
     "dense_experts",
     "fused_activation",
+    "gather_experts",
     "moe_ffn_function",
     "ort_moe",
+    "ort_moe_unit",
     "ort_moe_weighted",
     "register_translation",
     "topk_combine",
@@ -63,7 +68,6 @@ GELU_APPROXIMATION = (
     "exact (erf) GELU runs as ONNX Runtime's tanh-approximated GELU (|difference| <= 4.7e-4 per activation); "
     "export with exact=True (--exact) to keep the layer exact, unfused"
 )
-_DENSE_METHOD = "standard ONNX ops: dense [tokens, experts] combine matrix, all experts batched with MatMul"
 _FUNCTION_METHOD = ("one call of the model-local ONNX function {name} (standard ONNX ops: dense [tokens, experts] "
                     "combine matrix, all experts batched with MatMul)")
 
@@ -77,11 +81,16 @@ class ExportOptions:
         exact: keep layers unfused where the fused kernel would approximate them (exact GELU).
         fuse_assigned: also fuse layers whose router assigns experts itself (capacity limits), by feeding
             the assignment to the fused node as log-weights (needs non-negative combine weights).
+        gather_experts: lower every MoE layer to per-expert standard ops instead (:func:`gather_experts`):
+            each expert gathers its tokens and runs MatMuls with constant 2-D weights, which ONNX Runtime
+            pre-packs; faster than ``com.microsoft.MoE`` (which packs its weights on every run) for
+            prefill-sized inputs, and exact (erf GELU stays erf).
     """
 
     fused: bool = True
     exact: bool = False
     fuse_assigned: bool = False
+    gather_experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,6 +302,109 @@ def ort_moe_weighted(x: ir.Value, combine: ir.Value, experts: ExpertWeights, for
     )
 
 
+#: What ``router_probs`` holds for experts a token does not use: ``exp(-1e4)`` is 0 in float32 and float16.
+_NOT_CHOSEN = -1.0e4
+
+
+def _shaped(value: ir.Value, shape: list[int]) -> ir.Value:
+    value.shape = ir.Shape(shape)
+    return value
+
+
+def _const(value: float, shape: list[int], like: ir.Value) -> ir.Value:
+    return _shaped(op.Expand(op.CastLike(op.Constant(value_float=value), like), op.Constant(value_ints=shape)), shape)
+
+
+def _shared_pieces(shared: ExpertWeights, size: int) -> tuple[int, list[ir.Value | None]]:
+    """A shared bank of one expert ``[1, s*I, ...]`` as ``s`` always-on experts of ``I`` neurons each.
+
+    Cutting an FFN's hidden neurons into groups and summing the groups' outputs is the FFN (the activation is
+    per neuron), so the pieces with weight 1 each are the shared expert. Its down bias goes to piece 0 only.
+    Returns ``(s, [w1, b1, w3, b3, w2, b2])`` with ``b2`` None when the shared expert has none.
+    """
+    hidden, out = shared.in_features, shared.out_features
+    pieces = int(shared.w1.shape[1]) // size
+
+    def rows(value: ir.Value | None, *rest: int) -> ir.Value | None:  # [1, s*I, *rest] -> [s, I, *rest]
+        if value is None:
+            return None
+        return _shaped(op.Reshape(value, op.Constant(value_ints=[pieces, size, *rest])), [pieces, size, *rest])
+
+    w2 = op.Transpose(op.Reshape(shared.w2, op.Constant(value_ints=[out, pieces, size])), perm=[1, 0, 2])
+    b2 = shared.b2
+    if b2 is not None and pieces > 1:
+        b2 = op.Concat(b2, _const(0.0, [pieces - 1, out], b2), axis=0)
+    return pieces, [rows(shared.w1, hidden), rows(shared.b1), rows(shared.w3, hidden), rows(shared.b3),
+                    _shaped(w2, [pieces, out, size]), None if b2 is None else _shaped(b2, [pieces, out])]
+
+
+def ort_moe_unit(x: ir.Value, router_logits: ir.Value, experts: ExpertWeights, shared: ExpertWeights | None,
+                 bias: ir.Value | None, form: OrtActivation, *, k: int) -> tuple[ir.Value, Lowering]:
+    """One ``com.microsoft.MoE`` node for ``sum of the top-k experts (weight 1) + shared expert + bias``.
+
+    ``router_probs`` is 0 on each token's top k (of the softmax of the logits, as in torch) and ``-1e4``
+    elsewhere, so with ``normalize_routing_weights=1`` the kernel weights each of them ``1/k``. A shared
+    expert of ``s`` expert-sized groups of neurons joins as ``s`` more experts whose ``router_probs`` is
+    always 0 (``k + s`` of them run, each weighted ``1/(k + s)``). fc2 weights and biases are multiplied by
+    ``K = k + s`` (folded into the initializers), which restores weight 1. The layer's bias is added to the
+    down bias of the first shared piece, or ``bias / k`` to every routed expert's when there is no shared
+    expert (the k chosen ones add up to it).
+    """
+    num_experts, size, out = experts.num_experts, int(experts.w1.shape[1]), experts.out_features
+    pieces, extra = _shared_pieces(shared, size) if shared is not None else (0, [None] * 6)
+    total = num_experts + pieces
+    scale = k + pieces
+
+    def joined(routed: ir.Value | None, piece: ir.Value | None, shape: list[int]) -> ir.Value | None:
+        if routed is None and piece is None:
+            return None
+        if pieces == 0:
+            return routed
+        routed = routed if routed is not None else _const(0.0, [num_experts, *shape], piece)
+        piece = piece if piece is not None else _const(0.0, [pieces, *shape], routed)
+        return _shaped(op.Concat(routed, piece, axis=0), [total, *shape])
+
+    hidden = experts.in_features
+    b2_routed, b2_shared = experts.b2, extra[5]
+    if bias is not None:
+        if pieces:
+            first = op.Unsqueeze(bias, [0])  # [1, O]: onto piece 0
+            rest = [_const(0.0, [pieces - 1, out], bias)] if pieces > 1 else []
+            add = op.Concat(first, *rest, axis=0) if rest else first
+            b2_shared = _shaped(add if b2_shared is None else op.Add(b2_shared, add), [pieces, out])
+        else:
+            share = op.Unsqueeze(op.Div(bias, op.CastLike(op.Constant(value_float=float(k)), bias)), [0])
+            b2_routed = _shaped(op.Expand(share, op.Constant(value_ints=[num_experts, out])) if b2_routed is None
+                                else op.Add(b2_routed, share), [num_experts, out])
+    fc2_bias = joined(b2_routed, b2_shared, [out])
+    combined = ExpertWeights(
+        joined(experts.w1, extra[0], [size, hidden]), joined(experts.b1, extra[1], [size]),
+        joined(experts.w3, extra[2], [size, hidden]), joined(experts.b3, extra[3], [size]),
+        joined(experts.w2, extra[4], [out, size]), fc2_bias, experts.activation,
+    )
+    fc1, fc1_bias = _fc1(combined, form.fc1_layout)
+    factor = op.CastLike(op.Constant(value_float=float(scale)), combined.w2)
+    fc2 = op.Mul(combined.w2, factor)
+    fc2_bias = None if fc2_bias is None else op.Mul(fc2_bias, factor)
+
+    probs = op.Softmax(op.Cast(router_logits, to=ir.DataType.FLOAT), axis=-1)  # [T, E]; torch picks on these
+    _, index = op.TopK(probs, op.Constant(value_ints=[int(k)]), axis=-1)  # [T, k]
+    chosen = op.ScatterElements(op.Expand(op.Constant(value_float=_NOT_CHOSEN), op.Shape(probs)), index,
+                                op.Expand(op.Constant(value_float=0.0), op.Shape(index)), axis=1)  # [T, E]
+    if pieces:
+        always = op.Concat(op.Shape(probs, start=0, end=1), op.Constant(value_ints=[pieces]), axis=0)
+        chosen = op.Concat(chosen, op.Expand(op.Constant(value_float=0.0), always), axis=1)  # [T, E + s]
+    attributes = _ort_attributes(form, scale, True)
+    y = ort_moe_opset().MoE(x, op.CastLike(chosen, x), fc1, fc1_bias, fc2, fc2_bias, **attributes)
+    what = f"{k} of {num_experts} routed experts" + (f" and the shared expert as {pieces} always-on expert(s)"
+                                                      if pieces else "")
+    return y, _fused_lowering(
+        form, attributes,
+        f"unit-weight top-k (split experts): {what}, each fed router_probs 0 (others -1e4) with fc2 scaled by "
+        f"{scale}" + ("; the layer bias folded into the fc2 biases" if bias is not None else ""),
+    )
+
+
 def _fused_lowering(form: OrtActivation, attributes: dict[str, Any], reason: str) -> Lowering:
     method = "com.microsoft.MoE(" + ", ".join(f"{k}={v}" for k, v in attributes.items()) + ")"
     if form.note:
@@ -340,6 +452,61 @@ def dense_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> ir.
     if combine.dtype != x.dtype:
         gate = op.CastLike(gate, x)
     return op.ReduceSum(op.Mul(y, gate), op.Constant(value_ints=[0]), keepdims=0)
+
+
+# -- per-expert gather + MatMul with constant weights ----------------------------------------------------
+
+_GATHER_METHOD = ("standard ONNX ops: per expert, Gather of its tokens, MatMuls with constant 2-D weights "
+                  "(pre-packed by ONNX Runtime), ScatterND-add into the output")
+_GATHER_REASON = ("gather_experts=True (--gather-experts): per-expert MatMuls with constant weights that ONNX Runtime "
+                  "pre-packs, faster than com.microsoft.MoE (which packs its weights on every run) at prefill sizes")
+
+
+def _expert_matrix(weight: ir.Value, e: int) -> ir.Value:
+    """Expert ``e`` of ``weight [E, N, H]`` as the MatMul operand ``[H, N]`` (folded into an initializer)."""
+    return op.Transpose(op.Gather(weight, op.Constant(value_int=e), axis=0), perm=[1, 0])
+
+
+def _expert_bias(bias: ir.Value | None, e: int) -> ir.Value | None:
+    return None if bias is None else op.Gather(bias, op.Constant(value_int=e), axis=0)
+
+
+def _linear(x: ir.Value, weight: ir.Value, bias: ir.Value | None) -> ir.Value:
+    y = op.MatMul(x, weight)
+    return y if bias is None else op.Add(y, bias)
+
+
+def expert_ffn(x: ir.Value, experts: ExpertWeights, e: int) -> ir.Value:
+    """Expert ``e`` on the rows ``x [N, H]`` with constant 2-D weights -> ``[N, O]``."""
+    h = ONNX_ACTIVATIONS[experts.activation](_linear(x, _expert_matrix(experts.w1, e), _expert_bias(experts.b1, e)))
+    if experts.w3 is not None:
+        h = op.Mul(h, _linear(x, _expert_matrix(experts.w3, e), _expert_bias(experts.b3, e)))
+    return _linear(h, _expert_matrix(experts.w2, e), _expert_bias(experts.b2, e))
+
+
+def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> ir.Value:
+    """``sum_e combine[:, e] * expert_e(x)`` with each expert run on its own tokens only -> ``[T, O]``.
+
+    Per expert: the tokens with a positive weight (``NonZero``), their rows (``Gather``), the expert FFN as
+    MatMuls whose weights are constant 2-D initializers (ONNX Runtime pre-packs them at session start), the
+    rows weighted and added into the output (``ScatterND``, reduction ``add``). Standard ops only.
+    """
+    combine = op.CastLike(combine, x)  # [T, E]
+    shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[experts.out_features]), axis=0)
+    out = op.CastLike(op.ConstantOfShape(shape), x)  # [T, O]
+    for e in range(experts.num_experts):
+        weight = op.Gather(combine, op.Constant(value_int=e), axis=1)  # [T]
+        rows = op.Transpose(op.NonZero(op.Greater(weight, op.CastLike(op.Constant(value_float=0.0), weight))),
+                            perm=[1, 0])  # [n_e, 1]
+        index = op.Reshape(rows, op.Constant(value_ints=[-1]))  # [n_e]
+        y = expert_ffn(op.Gather(x, index, axis=0), experts, e)  # [n_e, O]
+        y = op.Mul(y, op.Unsqueeze(op.Gather(weight, index, axis=0), [1]))
+        out = op.ScatterND(out, rows, y, reduction="add")
+    return out
+
+
+def _gathered(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> tuple[ir.Value, Lowering]:
+    return gather_experts(x, combine, experts), Lowering(False, _GATHER_METHOD, _GATHER_REASON)
 
 
 # -- unfused as a model-local ONNX function (domain "moefx") ---------------------------------------------
@@ -464,13 +631,16 @@ def _unfused_reason(options: ExportOptions, fused_form: OrtActivation | str) -> 
 @register_translation(torch.ops.moefx.topk_moe.default)
 def translate_topk_moe(options: ExportOptions, x, router_logits, w1, b1, w3, b3, w2, b2, k: int, normalize: bool,
                        activation: str) -> tuple[ir.Value, Lowering]:
-    """Dropless softmax top-k: fused as com.microsoft.MoE, else standard ops."""
+    """Dropless softmax top-k: fused as com.microsoft.MoE, else standard ops (each expert on its own tokens)."""
     experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
+    if options.gather_experts:
+        return _gathered(x, topk_combine(router_logits, k, normalize), experts)
     form = fused_activation(experts, x, options)
     if options.fused and isinstance(form, OrtActivation):
         return ort_moe(x, router_logits, experts, form, k=k, normalize=normalize)
+    # Standard ops: the gathered form, not dense_experts (every expert on every token is slower than dense).
     combine = topk_combine(router_logits, k, normalize)
-    return dense_experts(x, combine, experts), Lowering(False, _DENSE_METHOD, _unfused_reason(options, form))
+    return gather_experts(x, combine, experts), Lowering(False, _GATHER_METHOD, _unfused_reason(options, form))
 
 
 _ASSIGNED_REASON = (
@@ -486,6 +656,8 @@ def translate_moe_ffn(options: ExportOptions, x, expert_index, combine_weight, w
     """A given assignment: one call of a model-local ``moefx::moe_ffn_*`` function (standard ops inside), or
     (``fuse_assigned``) com.microsoft.MoE fed with log-weights."""
     experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
+    if options.gather_experts:
+        return _gathered(x, assigned_combine(expert_index, combine_weight, experts.num_experts), experts)
     form = fused_activation(experts, x, options)
     if options.fused and options.fuse_assigned and isinstance(form, OrtActivation):
         combine = assigned_combine(expert_index, combine_weight, experts.num_experts)  # [T, E]
@@ -493,3 +665,38 @@ def translate_moe_ffn(options: ExportOptions, x, expert_index, combine_weight, w
     reason = _unfused_reason(options, form) or _ASSIGNED_REASON
     y, name = call_moe_ffn_function(x, expert_index, combine_weight, experts)
     return y, Lowering(False, _FUNCTION_METHOD.format(name=f"{MOEFX_DOMAIN}::{name}"), reason)
+
+
+@register_translation(torch.ops.moefx.unit_topk_moe.default)
+def translate_unit_topk_moe(options: ExportOptions, x, router_logits, w1, b1, w3, b3, w2, b2, shared_w1, shared_b1,
+                            shared_w3, shared_b3, shared_w2, shared_b2, bias, k: int,
+                            activation: str) -> tuple[ir.Value, Lowering]:
+    """Unit-weight top-k plus shared expert and bias (a ``split`` layer): one com.microsoft.MoE node, else the
+    ``moefx::moe_ffn_*`` function on an all-ones assignment with the shared expert and bias in standard ops."""
+    experts = ExpertWeights(w1, b1, w3, b3, w2, b2, activation)
+    shared = None if shared_w1 is None else ExpertWeights(shared_w1, shared_b1, shared_w3, shared_b3, shared_w2,
+                                                          shared_b2, activation)
+    if options.gather_experts:
+        probs = op.Softmax(op.Cast(router_logits, to=ir.DataType.FLOAT), axis=-1)
+        _, index = op.TopK(probs, op.Constant(value_ints=[int(k)]), axis=-1)  # [T, k]
+        ones = op.Expand(op.Constant(value_float=1.0), op.Shape(index))
+        y, lowering = _gathered(x, op.ScatterElements(op.Expand(op.Constant(value_float=0.0), op.Shape(probs)), index,
+                                                      ones, axis=1), experts)
+        if shared is not None:
+            y = op.Add(y, expert_ffn(x, shared, 0))
+        return (y if bias is None else op.Add(y, bias)), lowering
+    form = fused_activation(experts, x, options)
+    if options.fused and isinstance(form, OrtActivation):
+        return ort_moe_unit(x, router_logits, experts, shared, bias, form, k=k)
+    probs = op.Softmax(op.Cast(router_logits, to=ir.DataType.FLOAT), axis=-1)
+    _, index = op.TopK(probs, op.Constant(value_ints=[int(k)]), axis=-1)  # [T, k]
+    ones = op.Expand(op.Constant(value_float=1.0), op.Shape(index))  # [T, k]
+    y, name = call_moe_ffn_function(x, index, ones, experts)
+    if shared is not None:
+        first = op.Slice(ones, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
+        y = op.Add(y, dense_experts(x, first, shared))  # [T, 1] weight 1 on the one shared expert
+    if bias is not None:
+        y = op.Add(y, bias)
+    method = _FUNCTION_METHOD.format(name=f"{MOEFX_DOMAIN}::{name}") + " on an all-ones assignment" + (
+        ", the shared expert and the bias in standard ops" if shared is not None or bias is not None else "")
+    return y, Lowering(False, method, _unfused_reason(options, form))

@@ -360,34 +360,58 @@ class LayerSample:
 class TokenSampler:
     """Keeps a :class:`LayerSample` of the rows it is given: a seeded bottom-k sample of at most
     ``max_tokens`` input rows (every row draws a key; the smallest keys so far are kept, in arrival order)
-    and running per-neuron statistics of the hidden activations."""
+    and running per-neuron statistics of the hidden activations.
+
+    Rows are buffered and cut down to the sample only when twice ``max_tokens`` are held (and when the sample
+    is read), so that adding a batch costs its own size, not the size of the sample so far.
+    """
 
     def __init__(self, max_tokens: int, generator: torch.Generator) -> None:
         self.max_tokens = max_tokens
         self.generator = generator
-        self.sample = LayerSample()
+        self._sample = LayerSample()
         self._abs_sum: torch.Tensor | None = None
         self._positive: torch.Tensor | None = None
+        self._rows: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+        self._held = 0
+
+    @property
+    def sample(self) -> LayerSample:
+        self._compact()
+        return self._sample
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """Rows ``x [N, H]`` and their hidden activations ``h [N, I]``."""
         x = x.float().cpu()
         h = h.float()
-        s = self.sample
+        s = self._sample
         s.tokens += x.shape[0]
         abs_sum, positive = h.abs().sum(0).cpu(), (h > 0).sum(0).cpu()
         self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
         self._positive = positive if self._positive is None else self._positive + positive
         s.abs_mean = self._abs_sum / max(s.tokens, 1)
         s.active_rate = self._positive.float() / max(s.tokens, 1)
-        keys = torch.rand(x.shape[0], generator=self.generator)
-        if s.inputs is not None:
-            keys, x = torch.cat([s._keys, keys]), torch.cat([s.inputs, x])
-        if keys.shape[0] > self.max_tokens:
-            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
-            keys, x = keys[keep], x[keep]
-        s._keys, s.inputs = keys, x
+        self._rows.append(x)
+        self._keys.append(torch.rand(x.shape[0], generator=self.generator))
+        self._held += x.shape[0]
+        if self._held > 2 * self.max_tokens:
+            self._compact()
+
+    def _compact(self) -> None:
+        s = self._sample
+        if not self._rows:
+            return
+        rows = ([s.inputs] if s.inputs is not None else []) + self._rows
+        keys = ([s._keys] if s._keys is not None else []) + self._keys
+        x, k = (torch.cat(rows), torch.cat(keys)) if len(rows) > 1 else (rows[0], keys[0])
+        if k.shape[0] > self.max_tokens:
+            keep = torch.topk(k, self.max_tokens, largest=False).indices.sort().values
+            k, x = k[keep], x[keep]
+        s._keys, s.inputs = k, x
+        self._rows, self._keys = [], []
+        self._held = x.shape[0]
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

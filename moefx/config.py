@@ -41,6 +41,9 @@ PARTITIONS: dict[str, str] = {
     "coactivation": "balanced spectral partition of the neurons' co-activation graph on calibration data",
 }
 
+#: Adam steps per MoE layer when healing (``moefx.heal``, ``--heal-steps``).
+HEAL_STEPS = 400
+
 
 @dataclass(frozen=True)
 class MoEConfig:

@@ -30,7 +30,7 @@ from .capture import (
     record_sample_pass,
     weight_like,
 )
-from .config import MoEConfig, select_layers
+from .config import HEAL_STEPS, MoEConfig, select_layers
 from .errors import ConfigError, MoefxError, NoFFNFoundError
 from .experts import build_moe_layer, layer_generator
 from .layers import MoELayer
@@ -309,6 +309,7 @@ def convert(
     calib_tokens: int = 16384,
     tokenizer: Any = None,
     heal: bool = False,
+    heal_steps: int = HEAL_STEPS,
 ) -> nn.Module:
     """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
 
@@ -331,6 +332,7 @@ def convert(
         tokenizer: the tokenizer for a text ``calib`` file (default: the Hugging Face model's own, if found).
         heal: after building the experts, fit each MoE layer to its dense FFN on the calibration data
             (:func:`moefx.heal`); needs ``calib``.
+        heal_steps: Adam steps per layer when healing (0: least squares only, for split layers).
 
     Raises:
         NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
@@ -359,6 +361,8 @@ def convert(
     if heal and calib is None:
         raise ConfigError("heal=True fits the MoE layers to the dense FFNs on calibration data; pass calib= "
                           "(--calib FILE)")
+    if heal_steps < 0:
+        raise ConfigError(f"heal_steps must be >= 0 (--heal-steps), got {heal_steps}")
     calibrated = calib is not None and initialize and config.init == "split"
     if calib is not None and config.init != "split" and not heal:
         log.info("moefx: init=%r does not use calibration data; it is only read by init='split' and healing",
@@ -381,15 +385,18 @@ def convert(
                  "and a fitted router", "random permutation" if config.partition == "random" else "weight clustering")
     if calibrated or heal:
         batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
+    recorded = None
     if calibrated:
-        _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens)
-        batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
+        recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens)
     healing = None
     if heal:
         from .heal import heal_layers
 
         dense = {d["moe"]: next(f.match for f in chosen if f.name == d["name"]) for d in layers_info}
-        healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed)
+        # Split layers were just built from the dense inputs of each layer: heal on the same sample rather
+        # than reading the data again.
+        healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed, steps=heal_steps,
+                              inputs=recorded, routers_fitted=recorded is not None)
     _strip_analysis_meta(model)
     layers_info.sort(key=lambda d: d["position"])
     for d in layers_info:
@@ -414,9 +421,10 @@ def convert(
 
 
 def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: list[dict[str, Any]],
-                      config: MoEConfig, index_of: dict[int, int], batches: Any, max_tokens: int) -> None:
+                      config: MoEConfig, index_of: dict[int, int], batches: Any,
+                      max_tokens: int) -> dict[str, torch.Tensor]:
     """Record each converted FFN's inputs on the calibration batches (running the dense FFNs), then build its
-    MoE layer from them and put it in place of the allocated one."""
+    MoE layer from them and put it in place of the allocated one; returns the recorded inputs by layer name."""
     by_name = {f.name: f for f in chosen}
     targets = {}
     for d in layers_info:
@@ -432,6 +440,7 @@ def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: lis
             layer.train(old.training)
             d.update(_split_info(layer), calibration_tokens=samples[d["moe"]].tokens)
             bar.update(1)
+    return {name: sample.inputs for name, sample in samples.items()}
 
 
 def _split_info(layer: MoELayer) -> dict[str, Any]:

@@ -202,42 +202,61 @@ def plan_split(match: FFNMatch, config: MoEConfig, generator: torch.Generator,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def expert_outputs(match: FFNMatch, groups: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Each routed expert's output ``[N, E, O]`` on ``x [N, H]`` (without any bias)."""
-    h = hidden_activations(match, x)  # [N, I]
-    down = match.down_weight.detach().float()
-    return torch.stack([h[:, g] @ down[:, g].T for g in groups], dim=1)
+def _expert_outputs(match: FFNMatch, groups: torch.Tensor, x: torch.Tensor, chunk: int = 4096):
+    """Each routed expert's output (without any bias), ``[n, E, O]`` for successive chunks of ``n`` rows of
+    ``x [N, H]``: one batched GEMM per chunk, and memory bounded by the chunk, never ``O(N E O)``."""
+    down = match.down_weight.detach().float()[:, groups.flatten()]  # [O, E * Ie], expert by expert
+    down = down.reshape(down.shape[0], *groups.shape).permute(1, 2, 0)  # [E, Ie, O]
+    for rows in x.split(chunk):
+        h = hidden_activations(match, rows)[:, groups.flatten()].reshape(rows.shape[0], *groups.shape)  # [n, E, Ie]
+        yield torch.bmm(h.transpose(0, 1), down).transpose(0, 1)  # [n, E, O]
 
 
-def oracle_choice(outputs: torch.Tensor, k: int) -> torch.Tensor:
-    """``[N, E]`` 0/1: per token, the k experts whose outputs carry the most mass (the ideal router's choice)."""
-    mass = outputs.norm(dim=-1)
+def expert_mass(match: FFNMatch, groups: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[N, E]``: the norm of each routed expert's output (without any bias) on ``x [N, H]``."""
+    return torch.cat([out.norm(dim=-1) for out in _expert_outputs(match, groups, x)])
+
+
+def oracle_choice(mass: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, E]`` 0/1: per token, the k experts whose outputs carry the most ``mass [N, E]`` (the ideal
+    router's choice)."""
     return torch.zeros_like(mass).scatter_(1, torch.topk(mass, k, dim=-1).indices, 1.0)
 
 
-def fit_router(x: torch.Tensor, target: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_router(x: torch.Tensor, target: torch.Tensor, iterations: int = 50,
+               max_rows: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear router ``(weight [E, H], bias [E])`` fitted to predict ``target [N, E]`` (0/1) from ``x``.
 
-    Logistic regression (binary cross-entropy per expert), full batch, Adam from zero: deterministic. Its
-    logits rank the experts; top-k of them is the routing.
+    Logistic regression (binary cross-entropy per expert, a touch of L2 so that separable data stays bounded)
+    on standardised inputs, full batch, L-BFGS from zero: deterministic, and converged in tens of iterations
+    where first-order steps need hundreds. Its logits rank the experts; top-k of them is the routing. At most
+    ``max_rows`` evenly spaced rows are used: an ``E x H`` classifier needs no more.
     """
+    if x.shape[0] > max_rows:
+        rows = torch.linspace(0, x.shape[0] - 1, max_rows).long()
+        x, target = x[rows], target[rows]
     x = x.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std  # standardised inputs: one learning rate fits every model
+    z = (x - mean) / std  # standardised inputs: one step size and one penalty fit every model
     weight = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
     bias = torch.zeros(target.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iterations, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
+        loss = loss + 1e-5 * weight.square().sum()
+        loss.backward()
+        return loss
+
     threads = torch.get_num_threads()
-    # Hundreds of small steps: one thread, since a parallel region's barrier costs more than these ops save
-    # (10x more under CPU contention, where a spinning OpenMP thread waits for a descheduled one).
+    # Tens of small full-batch passes: one thread, since a parallel region's barrier costs more than these
+    # ops save (10x more under CPU contention, where a spinning OpenMP thread waits for a descheduled one).
     torch.set_num_threads(1)
     try:
         with torch.enable_grad():
-            for _ in range(steps):
-                loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            opt.step(closure)
     finally:
         torch.set_num_threads(threads)
     weight, bias = weight.detach(), bias.detach()
@@ -253,10 +272,12 @@ def centroid_router(match: FFNMatch, groups: torch.Tensor) -> tuple[torch.Tensor
     return torch.stack([w[g].mean(0) for g in groups]), torch.stack([b[g].mean() for g in groups])
 
 
-def compensation(outputs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """``c [E, O]``: each expert's mean output over the tokens that do not choose it (0 if all do)."""
+def compensation(match: FFNMatch, groups: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``c [E, O]``: each routed expert's mean output over the rows of ``x`` whose ``chosen [N, E]`` (0/1)
+    routing skips it (0 if none does)."""
     skipped = 1.0 - chosen  # [N, E]
-    return torch.einsum("ne,neo->eo", skipped, outputs) / skipped.sum(0).clamp_min(1.0)[:, None]
+    sums = sum(torch.einsum("ne,neo->eo", s, out) for s, out in zip(skipped.split(4096), _expert_outputs(match, groups, x)))
+    return sums / skipped.sum(0).clamp_min(1.0)[:, None]
 
 
 def route(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -298,9 +319,8 @@ def build_split_layer(match: FFNMatch, config: MoEConfig, generator: torch.Gener
         _fill(layer.shared, match, plan.shared.unsqueeze(0))
     k = config.top_k
     if inputs is not None:
-        outputs = expert_outputs(match, plan.groups, inputs)  # [N, E, O]
-        weight, bias = fit_router(inputs, oracle_choice(outputs, k))
-        comp = compensation(outputs, route(weight, bias, inputs, k))  # [E, O]
+        weight, bias = fit_router(inputs, oracle_choice(expert_mass(match, plan.groups, inputs), k))
+        comp = compensation(match, plan.groups, inputs, route(weight, bias, inputs, k))  # [E, O]
     else:
         weight, bias = centroid_router(match, plan.groups)
         comp = torch.zeros(config.num_experts, match.out_features)

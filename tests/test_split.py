@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,7 +137,7 @@ def test_calibrated_router_predicts_the_experts_with_the_most_activation_mass():
     ffn = dense.model.layers[0].mlp
     h = F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)  # [N, 64]
     groups = torch.stack([_neurons_of(layer.experts.w1[e], ffn.gate_proj.weight) for e in range(8)])
-    best = oracle_choice(torch.stack([h[:, g] @ ffn.down_proj.weight[:, g].T for g in groups], 1), 2)
+    best = oracle_choice(torch.stack([(h[:, g] @ ffn.down_proj.weight[:, g].T).norm(dim=-1) for g in groups], 1), 2)
     chosen = route(layer.router.gate.weight.detach(), layer.router.gate.bias.detach(), x, 2)
     recall = float((best * chosen).sum() / best.sum())
     assert recall >= 0.5, recall  # a random router gets 2/8 = 0.25
@@ -287,7 +290,7 @@ def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
     _, targets = _targets(dense, config)
     held_out = record_ffns(moe, targets, calibration_batches(_ids(99, batch=16, seq=10), moe, moe.moefx_info.inputs))
 
-    def errors():  # each layer against its dense FFN on held-out inputs of the dense model
+    def errors(model):  # each layer against its dense FFN on held-out inputs of the dense model
         out = {}
         for name, (match, _) in targets.items():
             x = held_out[name].inputs
@@ -295,16 +298,40 @@ def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
                 want = F.linear(F.silu(F.linear(x, match.up_weight)) * F.linear(x, match.gate_up_weight),
                                 match.down_weight) if match.gated else \
                     F.linear(F.gelu(F.linear(x, match.up_weight, match.up_bias)), match.down_weight, match.down_bias)
-                out[name] = float((moe.get_submodule(name)(x) - want).square().mean() / want.square().mean())
+                out[name] = float((model.get_submodule(name)(x) - want).square().mean() / want.square().mean())
         return out
 
-    before = errors()
-    report = moefx.heal(moe, calib, dense=dense)
-    assert all(r["kept"] and r["error_after"] < r["error_before"] for r in report), report
+    before = errors(moe)
+    solved = copy.deepcopy(moe)
+    report = moefx.heal(solved, calib, dense=dense, steps=0)
     assert {r["method"] for r in report} == {"least-squares"}
-    after = errors()
+    assert all(r["kept"] == ["least-squares"] and r["error_after"] < r["error_before"] for r in report), report
+    report = moefx.heal(moe, calib, dense=dense)
+    assert {r["method"] for r in report} == {"least-squares + gradient"}
+    assert all("least-squares" in r["kept"] and r["error_after"] < r["error_before"] for r in report), report
+    assert any("gradient" in r["kept"] for r in report), report
+    after, after_solve = errors(moe), errors(solved)
     assert all(after[name] < before[name] for name in before), (before, after)
+    # the gradient stage refines the least-squares fit: on data it never saw, too
+    assert sum(after.values()) < sum(after_solve.values()), (after_solve, after)
     assert moe.moefx_info.healing == report
+
+
+def test_masked_dense_refinement_runs_the_layers_own_function():
+    """The healing's gradient stage trains a masked dense FFN: it must compute exactly what the layer does."""
+    heal_module = importlib.import_module("moefx.heal")
+    dense = tiny_hf_model("llama")  # gated, with a shared expert and a layer bias
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=6, top_k=2, shared_experts=2))
+    _, layer = moefx.moe_layers(moe)[0]
+    with torch.no_grad():
+        layer.bias.normal_()
+        layer.experts.b2.normal_()
+        x = torch.randn(50, layer.experts.in_features)
+        names = ("w1", "b1", "w3", "b3", "w2", "b2")
+        out = layer.bias.clone()
+        for bank, mask in ((layer.experts, heal_module._routing_mask(layer, x)), (layer.shared, torch.ones(50, 1))):
+            out = out + heal_module._masked_dense({n: getattr(bank, n) for n in names}, bank.activation, x, mask)
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
 
 
 def test_healing_by_gradient_for_experts_that_are_not_split():

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moefx.config import EXPERT_INITS, PARTITIONS, ROUTERS, MoEConfig
+from moefx.config import EXPERT_INITS, HEAL_STEPS, PARTITIONS, ROUTERS, MoEConfig
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -122,6 +122,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="at most N sampled input rows per FFN are kept (default 16384)")
     calib.add_argument("--heal", action="store_true",
                        help="fit each MoE layer to its dense FFN on the calibration data (layer-wise distillation)")
+    calib.add_argument("--heal-steps", type=int, default=HEAL_STEPS, metavar="N",
+                       help="Adam steps per layer when healing (default %(default)s; 0: split layers get least squares only)")
     add_selection_flags(parser)
     add_common_flags(parser)
     return parser
@@ -199,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--heal fits the MoE layers to the dense FFNs on calibration data; pass --calib FILE")
     if args.calib_tokens < 1:
         raise ConfigError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
+    if args.heal_steps < 0:
+        raise ConfigError(f"--heal-steps must be >= 0, got {args.heal_steps}")
     if args.calib is not None and not args.calib.is_file():
         raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
     if args.stream:
@@ -214,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
                               source=source.to_dict(), calib=args.calib, calib_tokens=args.calib_tokens,
-                              heal=args.heal)
+                              heal=args.heal, heal_steps=args.heal_steps)
     except ConfigError as exc:
         raise ConfigError(_in_flag_terms(str(exc))) from None
     moefx.save(model, out, force=args.force)

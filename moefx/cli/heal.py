@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from moefx.config import HEAL_STEPS
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -23,9 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "heal", help="fit a converted model's MoE layers to its dense FFNs on calibration data",
         description="Layer-wise distillation: record every MoE layer's inputs on calibration data (running the "
-                    "dense FFNs), fit each layer to reproduce its dense FFN there (split layers: router refit and "
-                    "least squares; others: gradient steps), keep a fit only if it lowers the held-out error, "
-                    "and write the healed model to HEALED.",
+                    "dense FFNs), fit each layer to reproduce its dense FFN there (split layers: router refit, "
+                    "least squares, then gradient steps on every expert weight; others: gradient steps), keep "
+                    "a fit only if it lowers the held-out error, and write the healed model to HEALED.",
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="a directory written by moefx convert")
@@ -37,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="the dense model OUT was converted from (default: the source recorded in OUT)")
     parser.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
                         help="at most N sampled input rows per layer (default 16384)")
+    parser.add_argument("--steps", type=int, default=HEAL_STEPS, metavar="N",
+                        help="Adam steps per layer (default %(default)s; 0: split layers get least squares only)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow loading pickled .pt models (this runs code from the file)")
     parser.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
@@ -59,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
         raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
     if args.calib_tokens < 1:
         raise ConfigError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     check_output_parent(args.output)
     model = moefx.load(args.out, trust_remote_code=args.trust_remote_code, lazy=False)
     dense = None
     if args.dense is not None:
         dense = load_source(args.dense, trust_remote_code=args.trust_remote_code).model
-    report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens,
+    report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens, steps=args.steps,
                         trust_remote_code=args.trust_remote_code)
     moefx.save(model, args.output, force=args.force)
     if args.json:
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         rows = [[r["layer"], r["method"], f"{r['error_before']:.4g}", f"{r['error_after']:.4g}",
-                 "yes" if r.get("kept", False) else "no"] for r in report]
-        print(format_table(["moe layer", "method", "error before", "error after", "changed"], rows))
+                 ", ".join(r.get("kept", [])) or "no"] for r in report]
+        print(format_table(["moe layer", "method", "error before", "error after", "fits kept"], rows))
         print(f"saved to {args.output}/")
     return 0

@@ -215,15 +215,17 @@ class Workspace:
     # -- invocations ---------------------------------------------------------------------------------------
 
     def convert(self, model: str | Path, *flags: str, out: Path | None = None, force: bool = False,
-                trust: bool = False, calib: Path | None = None, heal: bool = False, **config: Any) -> Invocation:
+                trust: bool = False, calib: Path | None = None, heal: bool = False, heal_steps: int | None = None,
+                **config: Any) -> Invocation:
         """``moefx convert MODEL -o OUT FLAGS``; ``config`` are the MoEConfig fields ``flags`` set."""
         out = out or self.path("result")
         cli = ["convert", str(model), "-o", str(out), "--experts", "2", "--top-k", "1", *flags,  # flags override
                *(["--calib", str(calib)] if calib is not None else []), *(["--heal"] if heal else []),
+               *(["--heal-steps", str(heal_steps)] if heal_steps is not None else []),
                *(["--force"] if force else []),
                *(["--trust-remote-code"] if trust else [])]
         return Invocation(cli, lambda: api_convert(model, out, force=force, trust_remote_code=trust, calib=calib,
-                                                   heal=heal, **config))
+                                                   heal=heal, heal_steps=heal_steps, **config))
 
     def inspect(self, model: str | Path, *, trust: bool = False) -> Invocation:
         cli = ["inspect", str(model), *(["--trust-remote-code"] if trust else [])]
@@ -265,12 +267,13 @@ class Workspace:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def api_convert(model, out, *, force=False, trust_remote_code=False, calib=None, heal=False, **config):
+def api_convert(model, out, *, force=False, trust_remote_code=False, calib=None, heal=False, heal_steps=None,
+                **config):
     config = moefx.MoEConfig(**{"num_experts": 2, "top_k": 1, **config})
     source = load_source(model, trust_remote_code=trust_remote_code)
     args, kwargs = source.example_inputs or (None, None)
     moe = moefx.convert(source.model, config, args, example_kwargs=kwargs, inplace=True, source=source.to_dict(),
-                        calib=calib, heal=heal)
+                        calib=calib, heal=heal, **({} if heal_steps is None else {"heal_steps": heal_steps}))
     return moefx.save(moe, out, force=force)
 
 
@@ -771,6 +774,14 @@ def split_not_divisible(ws, command):
 def heal_without_calibration(ws, command):
     return expect(ws.convert(FACTORY, "--init", "split", init="split", heal=True), ConfigError,
                   ("--heal", "heal=True"), "--calib")
+
+
+@case("a negative --heal-steps", "convert")
+def heal_steps_negative(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.randn(8, 5, 16), path)
+    return expect(ws.convert(FACTORY, "--init", "split", init="split", calib=path, heal=True, heal_steps=-1),
+                  ConfigError, ("--heal-steps", "heal_steps"), ">= 0")
 
 
 @case("calibration data of the wrong dtype", "convert")

@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--fractions", default="50,25", help="active percentages besides 100 (default 50,25)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated indexes into METHODS, or 'all' (default {DEFAULT_METHODS})")
+    parser.add_argument("--heal-steps", type=int, default=None,
+                        help="Adam steps per layer in the healed rows (default: moefx's; 0: least squares only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
@@ -115,8 +117,9 @@ def main() -> None:
             active = GROUPS * percent // 100
             config = MoEConfig(init="split", num_experts=GROUPS - shared, top_k=active - shared, **fields)
             start = time.perf_counter()
+            extra = {} if args.heal_steps is None else {"heal_steps": args.heal_steps}
             converted = moefx.convert(dense, config, calib=calib_file if calibrate else None, heal=heal,
-                                      calib_tokens=args.calib_tokens, tokenizer=tokenizer, verify=False)
+                                      calib_tokens=args.calib_tokens, tokenizer=tokenizer, verify=False, **extra)
             seconds = time.perf_counter() - start
             cosine = float(F.cosine_similarity(embed(converted, tokenizer, held_out), reference, dim=-1).mean())
             results.append({"method": label, "active_percent": percent, "cosine": cosine, "seconds": seconds})

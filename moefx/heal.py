@@ -195,7 +195,7 @@ def _fit_split(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, ridge: float =
     shared = layer.shared
     if shared is not None:
         columns.append(_hidden(shared, 0, x))
-    columns += [mask, torch.ones(x.shape[0], 1)]
+    columns += [mask, torch.ones(x.shape[0], 1, device=x.device)]
     features = torch.cat(columns, dim=1)  # [N, D]
     del columns, hidden
     # Products in float32 (the GEMM dominates), the solve in float64.
@@ -219,7 +219,8 @@ def _fit_split(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, ridge: float =
 def _routing_mask(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """``[N, E]`` 0/1: the experts the layer's router sends each row of ``x`` to."""
     chosen = layer.router(x, None).expert_index
-    return torch.zeros(x.shape[0], layer.experts.num_experts).scatter_(1, chosen.clamp_min(0), (chosen >= 0).float())
+    mask = torch.zeros(x.shape[0], layer.experts.num_experts, device=x.device)
+    return mask.scatter_(1, chosen.clamp_min(0), (chosen >= 0).float())
 
 
 def _masked_dense(bank: dict[str, torch.Tensor | None], activation: str, x: torch.Tensor,
@@ -251,7 +252,7 @@ def _refine_split(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, steps: int 
     names = ("w1", "b1", "w3", "b3", "w2", "b2")
     banks = [(layer.experts, _routing_mask(layer, x))]
     if layer.shared is not None:
-        banks.append((layer.shared, torch.ones(x.shape[0], 1)))
+        banks.append((layer.shared, torch.ones(x.shape[0], 1, device=x.device)))
     params = [{n: None if getattr(b, n) is None else getattr(b, n).detach().float().clone().requires_grad_()
                for n in names} for b, _ in banks]
     bias = layer.bias.detach().float().clone().requires_grad_()

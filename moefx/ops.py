@@ -30,6 +30,7 @@ calls the ops, so the graph still holds one node per MoE layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -154,28 +155,56 @@ def moe_ffn_kernel(
             y = _expert_rows(x, e, w1, b1, w3, b3, w2, b2, act)
             out = y.mul_(gate) if out is None else out.add_(y, alpha=gate)
         return x.new_zeros(1, out_features) if out is None else out
-    out = x.new_zeros(num_tokens, out_features)
-    order, token, counts = _group_by_expert(expert_index, w1.shape[0])
-    if not len(order):
-        return out
-    x_sorted = x.index_select(0, token)  # [kept, H]
-    gate = combine_weight.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)  # [kept, 1]
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        y = _expert_rows(x_sorted[start:end], e, w1, b1, w3, b3, w2, b2, act)  # [count, O]
-        out.index_add_(0, token[start:end], y.mul_(gate[start:end]))
-        start = end
+    threads = torch.get_num_threads()
+    with _serial_glue(threads > 1 and x.device.type == "cpu" and _SERIAL_GLUE):
+        out = x.new_zeros(num_tokens, out_features)
+        order, token, counts = _group_by_expert(expert_index, w1.shape[0])
+        if not len(order):
+            return out
+        x_sorted = x.index_select(0, token)  # [kept, H]
+        gate = combine_weight.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)  # [kept, 1]
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            y = _expert_rows(x_sorted[start:end], e, w1, b1, w3, b3, w2, b2, act, threads)  # [count, O]
+            out.index_add_(0, token[start:end], y.mul_(gate[start:end]))
+            start = end
     return out
 
 
-def _expert_rows(x, e, w1, b1, w3, b3, w2, b2, act) -> torch.Tensor:
-    h = act(_linear(x, w1[e], None if b1 is None else b1[e]))
+#: Whether the eager kernel runs everything but its GEMMs on one thread (``MOEFX_SERIAL_GLUE=0``: off).
+_SERIAL_GLUE = os.environ.get("MOEFX_SERIAL_GLUE", "1") != "0"
+
+
+@contextlib.contextmanager
+def _serial_glue(enabled: bool):
+    """Run the block's ops on one intra-op thread (GEMMs inside it switch back, see :func:`_expert_rows`).
+
+    The gathers, activations and scatters between expert GEMMs are small (one expert's rows): split over
+    threads, each costs a wake-up of the pool, tens of microseconds under ``OMP_WAIT_POLICY=PASSIVE`` (the
+    setting for shared machines), more than the work itself; at 2 threads this made a 512-token layer 1.7x
+    slower. The intra-op thread count is process-wide, so ops that other Python threads run meanwhile also
+    run on one thread (correct, if slower).
+    """
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _expert_rows(x, e, w1, b1, w3, b3, w2, b2, act, threads: int | None = None) -> torch.Tensor:
+    """Expert ``e`` on rows ``x``; ``threads``: run the GEMMs on that many threads (the rest on the current)."""
+    h = act(_linear(x, w1[e], None if b1 is None else b1[e], threads))
     if w3 is not None:
-        h.mul_(_linear(x, w3[e], None if b3 is None else b3[e]))
-    return _linear(h, w2[e], None if b2 is None else b2[e])
+        h.mul_(_linear(x, w3[e], None if b3 is None else b3[e], threads))
+    return _linear(h, w2[e], None if b2 is None else b2[e], threads)
 
 
 def _onednn_linear():
@@ -200,8 +229,20 @@ _ONEDNN_LINEAR = _onednn_linear()
 _ONEDNN_MIN_ROWS = 8  # below this oneDNN's per-call overhead outweighs its faster GEMM
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` for a 2-D ``x``, through oneDNN where that is faster (fp32 CPU, >= 8 rows)."""
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for a 2-D ``x``, through oneDNN where that is faster (fp32 CPU, >= 8 rows); on
+    ``threads`` intra-op threads if given (and back to the current count afterwards)."""
+    current = torch.get_num_threads()
+    if threads is None or threads == current:
+        return _linear_here(x, w, b)
+    torch.set_num_threads(threads)
+    try:
+        return _linear_here(x, w, b)
+    finally:
+        torch.set_num_threads(current)
+
+
+def _linear_here(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if (
         _ONEDNN_LINEAR is not None
         and x.shape[0] >= _ONEDNN_MIN_ROWS

@@ -124,3 +124,30 @@ def test_fake_impl_shapes():
     torch.library.opcheck(torch.ops.moefx.topk_moe.default,
                           (torch.randn(5, 8), torch.randn(5, 4), *_weights(gated=True), 2, True, "silu"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
+    """With several threads the kernel runs its small ops on one thread and its GEMMs on all of them, gives
+    the per-token reference, and leaves the thread count as it found it."""
+    from moefx import ops
+
+    seen = {"gemm": set(), "activation": set()}
+    here, silu = ops._linear_here, ACTIVATIONS["silu"]
+    monkeypatch.setattr(ops, "_linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
+    monkeypatch.setitem(ACTIVATIONS, "silu", lambda h: (seen["activation"].add(torch.get_num_threads()), silu(h))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = _weights(E=4, H=16, I=24, O=16, gated=True)
+        x = torch.randn(40, 16)
+        index = torch.randint(0, 4, (40, 2))
+        index[3, 1] = -1  # a dropped assignment
+        weight = torch.rand(40, 2)
+        with torch.no_grad():
+            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+        assert torch.get_num_threads() == 2
+        assert seen == {"gemm": {2}, "activation": {1}}, seen
+        want = _per_token_reference(x, index, weight, *weights, "silu")
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

@@ -144,7 +144,8 @@ class MoELayer(nn.Module):
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])  # [T, H]
         group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]  # a group is one sequence
-        routing = self.router(tokens, group_size)
+        with ops._serial_glue(_serial_router(tokens, self.num_experts)):
+            routing = self.router(tokens, group_size)
         if routing.dispatch is not None:
             y = self._soft_forward(tokens, routing)
         else:
@@ -201,6 +202,24 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}" + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
+
+
+def _serial_router(tokens: torch.Tensor, num_experts: int) -> bool:
+    """Whether to route on one thread: eager CPU inference where the router's GEMM is small.
+
+    Its ops (a ``[T, H] x [H, E]`` GEMM, softmax and top-k over ``E``) are too small to gain from a second
+    thread, and each costs a pool wake-up under ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`ops._serial_glue`).
+    """
+    return (
+        ops._SERIAL_GLUE
+        and tokens.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and tokens.shape[0] * tokens.shape[1] * num_experts <= _SERIAL_ROUTER_MACS
+        and torch.get_num_threads() > 1
+    )
+
+
+_SERIAL_ROUTER_MACS = 1 << 23  # about 0.1 ms on one core: above this the gate GEMM gains from more threads
 
 
 def _plain_inference(tokens: torch.Tensor, combine_weight: torch.Tensor, experts: ExpertBank) -> bool:

@@ -65,6 +65,24 @@ def test_topk_moe_matches_softmax_topk_reference(normalize):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_route_topk_is_softmax_topk_with_its_gradient(normalize):
+    """route_topk (top k of the logits first when renormalising) equals softmax -> top k -> renormalise, in
+    value and gradient, also for logits large enough to overflow a naive exp."""
+    for offset in (0.0, 500.0):
+        logits = (torch.randn(33, 8, dtype=torch.float64) * 2 + offset).requires_grad_(True)
+        probs = torch.softmax(logits.float().double(), -1)  # route_topk computes in float32
+        top = probs.topk(3, dim=-1)
+        want = top.values / top.values.sum(-1, keepdim=True) if normalize else top.values
+        index, weight = moefx.ops.route_topk(logits, 3, normalize)
+        assert torch.equal(index, top.indices)
+        torch.testing.assert_close(weight.double(), want.float().double(), rtol=1e-6, atol=1e-7)
+        probe = torch.randn(33, 3, dtype=torch.float64)
+        want_grad, = torch.autograd.grad((want * probe).sum(), logits)
+        got_grad, = torch.autograd.grad((weight.double() * probe).sum(), logits)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_ops_backward_matches_autograd_of_reference():
     w = [t.requires_grad_(True) if t is not None else None for t in _weights(gated=True)]
     x = torch.randn(12, 8, requires_grad=True)
@@ -149,5 +167,35 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
         assert seen == {"gemm": {2}, "activation": {1}}, seen
         want = _per_token_reference(x, index, weight, *weights, "silu")
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch):
+    """A small router's ops run on one intra-op thread in eager inference (each op is smaller than a pool
+    wake-up); in training, or with the switch off, they run on all threads."""
+    from moefx import layers, ops
+
+    cfg = moefx.MoEConfig(num_experts=4, top_k=2)
+    bank = ExpertBank(4, 16, 24, 16, "silu", gated=True, up_bias=False, down_bias=False)
+    layer = MoELayer(TopKRouter(16, cfg), bank)
+    seen = []
+    layer.router.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(2, 20, 16)
+        with torch.inference_mode():
+            layer.eval()(x)
+        layer.train()(x)
+        monkeypatch.setattr(ops, "_SERIAL_GLUE", False)
+        with torch.inference_mode():
+            layer.eval()(x)
+        monkeypatch.setattr(ops, "_SERIAL_GLUE", True)
+        monkeypatch.setattr(layers, "_SERIAL_ROUTER_MACS", 16 * 4 * 40 - 1)  # a router GEMM above the limit
+        with torch.inference_mode():
+            layer(x)
+        assert seen == [1, 2, 2, 2]
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

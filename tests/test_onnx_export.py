@@ -248,6 +248,34 @@ def test_hf_model_matches_torch(converted_hf, tmp_path, name, init, fused):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_lora_layers_match_torch(tmp_path, name):
+    """LoRA experts (frozen dense FFN + routed adapters, which no fused op covers) export as standard ops and
+    match torch at new shapes, with adapters trained away from zero so that the routing matters."""
+    dense = tiny_hf_model(name)
+    model = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init="lora", lora_rank=3),
+                          example_kwargs=hf_inputs(name, 2, 8, seed=0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in moefx.moe_layers(model):
+            for adapter in (layer.up_b, layer.gate_up_b, layer.down_b):
+                if adapter is not None:
+                    adapter.copy_(torch.randn(adapter.shape, generator=g) * 0.2)
+    inputs = hf_inputs(name, batch=3, seq=5, seed=1)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        baseline = dense(**inputs).logits
+    assert (adapted - baseline).abs().max() > 1e-2  # the adapters change the output
+    path = tmp_path / f"{name}-lora.onnx"
+    report = export_onnx(model, None, path, fused=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert len(report.layers) == len(moefx.moe_layers(model)) and not any(layer.fused for layer in report.layers)
+    assert_standard_domains_only(onnx.load(str(path)))
+    error = ort_vs_torch(path, model, inputs)
+    assert error <= 1e-4, f"{name}/lora: max abs error {error:.2e}"
+
+
+@pytest.mark.slow
 def test_exact_keeps_exact_gelu_layers_unfused(converted_hf, tmp_path):
     model = converted_hf("bert", "random", padded=True)  # with an attention_mask input this time
     approximate = export_onnx(model, None, tmp_path / "approx.onnx")

@@ -107,20 +107,38 @@ def mixtral_block(layer: MoELayer) -> nn.Module:
 
 
 def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
-    """The expert GEMMs the layer's kernel runs on ``x`` (same rows per expert, same GEMM routine), alone."""
+    """The expert GEMMs the layer's kernel runs on ``x`` alone: the same rows per expert, the same GEMM routine
+    and, with several threads, the same split of the expert-sorted rows between expert threads."""
     tokens = x.reshape(-1, HIDDEN)
     with torch.inference_mode():
         index = layer.router(tokens).expert_index
     counts = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    kept = sum(counts)
     bank = layer.experts
     w1, w3, w2 = (w.detach() for w in (bank.w1, bank.w3, bank.w2))
-    segments = [(e, torch.randn(c, HIDDEN), torch.randn(c, bank.expert_size)) for e, c in enumerate(counts) if c]
+    rows, hidden = torch.randn(kept, HIDDEN), torch.randn(kept, bank.expert_size)
+
+    def gemms(lo: int, hi: int) -> None:
+        start = 0
+        for e, count in enumerate(counts):
+            a, b = max(start, lo), min(start + count, hi)
+            start += count
+            if a < b:
+                ops._linear(rows[a:b], w1[e], None)
+                ops._linear(rows[a:b], w3[e], None)
+                ops._linear(hidden[a:b], w2[e], None)
 
     def run():
-        for e, seg, h in segments:
-            ops._linear(seg, w1[e], None)
-            ops._linear(seg, w3[e], None)
-            ops._linear(h, w2[e], None)
+        threads = torch.get_num_threads()
+        if threads == 1 or not ops._EXPERT_THREADS:
+            gemms(0, kept)
+            return
+        pieces = ops._pieces(kept, threads)
+        futures = [ops._expert_workers(threads - 1).submit(gemms, lo, hi) for lo, hi in pieces[1:]]
+        with ops._serial_glue(True):
+            gemms(*pieces[0])
+        for future in futures:
+            future.result()
 
     return run
 

@@ -82,9 +82,13 @@ def test_save_load_round_trip(name, tmp_path):
     loaded = moefx.load(tmp_path / "out")
     assert type(loaded) is type(moe)
     assert [n for n, _ in moefx.moe_layers(loaded)] == [n for n, _ in moefx.moe_layers(moe)]
+    want, got = moe.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     inputs = _inputs(name, moe)
     with torch.no_grad():
-        assert torch.equal(_first(moe(**inputs)), _first(loaded(**inputs)))
+        # Not bit for bit: the loaded weights are memory-mapped (8-byte aligned), and oneDNN's GEMM on one
+        # thread (the eager kernel's expert threads) may sum in another order at that alignment.
+        torch.testing.assert_close(_first(loaded(**inputs)), _first(moe(**inputs)), rtol=1e-6, atol=1e-6)
 
 
 def test_torch_transformer_encoder():

@@ -145,10 +145,13 @@ def test_fake_impl_shapes():
 
 
 def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
-    """With several threads the kernel runs its small ops on one thread and its GEMMs on all of them, gives
-    the per-token reference, and leaves the thread count as it found it."""
+    """Without expert threads, with several intra-op threads the kernel runs its small ops on one thread and
+    the GEMMs of experts with many rows on all of them, gives the per-token reference, and leaves the thread
+    count as it found it."""
     from moefx import ops
 
+    monkeypatch.setattr(ops, "_EXPERT_THREADS", False)
+    monkeypatch.setattr(ops, "_MULTITHREAD_MIN_ROWS", 4)
     seen = {"gemm": set(), "activation": set()}
     here, silu = ops._linear_here, ACTIVATIONS["silu"]
     monkeypatch.setattr(ops, "_linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
@@ -169,6 +172,146 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def _kernel_case(tokens=60):
+    weights = _weights(E=4, H=16, I=24, O=16, gated=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, 16, generator=g)
+    index = torch.randint(0, 4, (tokens, 2), generator=g)
+    index[tokens // 2, 1] = -1  # a dropped assignment
+    return x, index, torch.rand(tokens, 2, generator=g), weights
+
+
+@pytest.mark.parametrize("tokens", [3, 60])
+def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens):
+    """With 2 intra-op threads the kernel's expert rows run on two threads (the caller and a worker), each
+    with one intra-op thread; the result is the per-token reference, in and out of inference mode, and the
+    caller's thread count, and the count new threads start with, are left as they were."""
+    import threading
+
+    from moefx import ops
+
+    seen = set()
+    here = ops._linear_here
+    monkeypatch.setattr(ops, "_linear_here", lambda *a: (
+        seen.add((threading.current_thread().name, torch.get_num_threads())), here(*a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, index, weight, weights = _kernel_case(tokens)
+        want = _per_token_reference(x, index, weight, *weights, "silu")
+        with torch.no_grad():
+            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+        with torch.inference_mode():
+            got_inference = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_inference.double(), want, rtol=1e-5, atol=1e-5)
+        assert {n for n, _ in seen} == {threading.current_thread().name, "moefx-experts-0"}, seen
+        # Through the op with weights that require grad: no graph under no_grad, the op's graph otherwise.
+        params = [w.requires_grad_() if w is not None else None for w in weights]
+        with torch.no_grad():
+            assert not torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu").requires_grad
+        y = torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu")
+        torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        assert all(w.grad is not None for w in params if w is not None)
+        assert {c for _, c in seen} == {1}
+        assert torch.get_num_threads() == 2
+        fresh = []
+        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert fresh == [2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_expert_workers_run_on_one_intra_op_thread_and_leave_the_callers_count():
+    """Workers made outside the kernel too: each keeps one intra-op thread (also in its first task), and the
+    caller's count and the default of new threads stay what they were."""
+    import threading
+
+    from moefx import ops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers = ops._ExpertWorkers(3)
+        assert workers.submit(torch.get_num_threads).result(timeout=30) == 1
+        assert [workers.submit(torch.get_num_threads).result(timeout=30) for _ in range(6)] == [1] * 6
+        assert torch.get_num_threads() == 2
+        fresh = []
+        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert fresh == [2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_eager_kernel_raises_an_error_from_an_expert_thread(monkeypatch):
+    """An error in a worker's piece reaches the caller (after every piece has finished), and the workers
+    keep serving later calls."""
+    import threading
+
+    from moefx import ops
+
+    rows = ops._expert_rows
+
+    def failing(x, e, *args):
+        if threading.current_thread().name.startswith("moefx-experts"):
+            raise RuntimeError("worker failed")
+        return rows(x, e, *args)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, index, weight, weights = _kernel_case()
+        monkeypatch.setattr(ops, "_expert_rows", failing)
+        with pytest.raises(RuntimeError, match="worker failed"), torch.no_grad():
+            ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+        monkeypatch.setattr(ops, "_expert_rows", rows)
+        with torch.no_grad():
+            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+        torch.testing.assert_close(got.double(), _per_token_reference(x, index, weight, *weights, "silu"),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kernel_in_child(queue):
+    torch.set_num_threads(2)
+    x, index, weight, weights = _kernel_case()
+    with torch.no_grad():
+        got = moefx.ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    queue.put(float((got.double() - _per_token_reference(x, index, weight, *weights, "silu")).abs().max()))
+
+
+def test_eager_kernel_works_in_a_forked_child_of_a_process_with_expert_threads():
+    """A forked child has no worker threads: it starts its own instead of waiting on the parent's."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, index, weight, weights = _kernel_case()
+        with torch.no_grad():
+            moefx.ops.moe_ffn_kernel(x, index, weight, *weights, "silu")  # the parent's workers exist
+    finally:
+        torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_kernel_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) < 1e-5
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch):

@@ -272,6 +272,11 @@ class _ExpertWorkers:
         self._tasks.put((future, fn, args))
         return future
 
+    def close(self) -> None:
+        """Let the workers exit once the tasks already submitted are done."""
+        for _ in range(self.count):
+            self._tasks.put(None)
+
 
 _WORKERS: dict[int, _ExpertWorkers] = {}  # by size; kept for the life of the process (idle ones block on a queue)
 _WORKERS_LOCK = threading.Lock()

@@ -144,7 +144,27 @@ def test_fake_impl_shapes():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (the kernel's multi-threaded paths), the caller's count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _new_thread_count() -> int:
+    """The intra-op thread count a thread that has not used torch yet starts with."""
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch, two_threads):
     """Without expert threads, with several intra-op threads the kernel runs its small ops on one thread and
     the GEMMs of experts with many rows on all of them, gives the per-token reference, and leaves the thread
     count as it found it."""
@@ -156,22 +176,17 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch):
     here, silu = ops._linear_here, ACTIVATIONS["silu"]
     monkeypatch.setattr(ops, "_linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
     monkeypatch.setitem(ACTIVATIONS, "silu", lambda h: (seen["activation"].add(torch.get_num_threads()), silu(h))[1])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        weights = _weights(E=4, H=16, I=24, O=16, gated=True)
-        x = torch.randn(40, 16)
-        index = torch.randint(0, 4, (40, 2))
-        index[3, 1] = -1  # a dropped assignment
-        weight = torch.rand(40, 2)
-        with torch.no_grad():
-            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
-        assert torch.get_num_threads() == 2
-        assert seen == {"gemm": {2}, "activation": {1}}, seen
-        want = _per_token_reference(x, index, weight, *weights, "silu")
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    weights = _weights(E=4, H=16, I=24, O=16, gated=True)
+    x = torch.randn(40, 16)
+    index = torch.randint(0, 4, (40, 2))
+    index[3, 1] = -1  # a dropped assignment
+    weight = torch.rand(40, 2)
+    with torch.no_grad():
+        got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    assert torch.get_num_threads() == 2
+    assert seen == {"gemm": {2}, "activation": {1}}, seen
+    want = _per_token_reference(x, index, weight, *weights, "silu")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _kernel_case(tokens=60):
@@ -184,7 +199,7 @@ def _kernel_case(tokens=60):
 
 
 @pytest.mark.parametrize("tokens", [3, 60])
-def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens):
+def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, two_threads):
     """With 2 intra-op threads the kernel's expert rows run on two threads (the caller and a worker), each
     with one intra-op thread; the result is the per-token reference, in and out of inference mode, and the
     caller's thread count, and the count new threads start with, are left as they were."""
@@ -196,61 +211,44 @@ def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens):
     here = ops._linear_here
     monkeypatch.setattr(ops, "_linear_here", lambda *a: (
         seen.add((threading.current_thread().name, torch.get_num_threads())), here(*a))[1])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x, index, weight, weights = _kernel_case(tokens)
-        want = _per_token_reference(x, index, weight, *weights, "silu")
-        with torch.no_grad():
-            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
-        with torch.inference_mode():
-            got_inference = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_inference.double(), want, rtol=1e-5, atol=1e-5)
-        assert {n for n, _ in seen} == {threading.current_thread().name, "moefx-experts-0"}, seen
-        # Through the op with weights that require grad: no graph under no_grad, the op's graph otherwise.
-        params = [w.requires_grad_() if w is not None else None for w in weights]
-        with torch.no_grad():
-            assert not torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu").requires_grad
-        y = torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu")
-        torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
-        y.sum().backward()
-        assert all(w.grad is not None for w in params if w is not None)
-        assert {c for _, c in seen} == {1}
-        assert torch.get_num_threads() == 2
-        fresh = []
-        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        assert fresh == [2]
-    finally:
-        torch.set_num_threads(threads)
+    x, index, weight, weights = _kernel_case(tokens)
+    want = _per_token_reference(x, index, weight, *weights, "silu")
+    with torch.no_grad():
+        got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    with torch.inference_mode():
+        got_inference = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_inference.double(), want, rtol=1e-5, atol=1e-5)
+    assert {n for n, _ in seen} == {threading.current_thread().name, "moefx-experts-0"}, seen
+    # Through the op with weights that require grad: no graph under no_grad, the op's graph otherwise.
+    params = [w.requires_grad_() if w is not None else None for w in weights]
+    with torch.no_grad():
+        assert not torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu").requires_grad
+    y = torch.ops.moefx.moe_ffn(x, index, weight, *params, "silu")
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(w.grad is not None for w in params if w is not None)
+    assert {c for _, c in seen} == {1}
+    assert torch.get_num_threads() == 2
+    assert _new_thread_count() == 2
 
 
-def test_expert_workers_run_on_one_intra_op_thread_and_leave_the_callers_count():
+def test_expert_workers_run_on_one_intra_op_thread_and_leave_the_callers_count(two_threads):
     """Workers made outside the kernel too: each keeps one intra-op thread (also in its first task), and the
     caller's count and the default of new threads stay what they were."""
-    import threading
-
     from moefx import ops
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    workers = ops._ExpertWorkers(3)
     try:
-        workers = ops._ExpertWorkers(3)
         assert workers.submit(torch.get_num_threads).result(timeout=30) == 1
         assert [workers.submit(torch.get_num_threads).result(timeout=30) for _ in range(6)] == [1] * 6
         assert torch.get_num_threads() == 2
-        fresh = []
-        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        assert fresh == [2]
+        assert _new_thread_count() == 2
     finally:
-        torch.set_num_threads(threads)
+        workers.close()
 
 
-def test_eager_kernel_raises_an_error_from_an_expert_thread(monkeypatch):
+def test_eager_kernel_raises_an_error_from_an_expert_thread(monkeypatch, two_threads):
     """An error in a worker's piece reaches the caller (after every piece has finished), and the workers
     keep serving later calls."""
     import threading
@@ -264,20 +262,15 @@ def test_eager_kernel_raises_an_error_from_an_expert_thread(monkeypatch):
             raise RuntimeError("worker failed")
         return rows(x, e, *args)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x, index, weight, weights = _kernel_case()
-        monkeypatch.setattr(ops, "_expert_rows", failing)
-        with pytest.raises(RuntimeError, match="worker failed"), torch.no_grad():
-            ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
-        monkeypatch.setattr(ops, "_expert_rows", rows)
-        with torch.no_grad():
-            got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
-        torch.testing.assert_close(got.double(), _per_token_reference(x, index, weight, *weights, "silu"),
-                                   rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    x, index, weight, weights = _kernel_case()
+    monkeypatch.setattr(ops, "_expert_rows", failing)
+    with pytest.raises(RuntimeError, match="worker failed"), torch.no_grad():
+        ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    monkeypatch.setattr(ops, "_expert_rows", rows)
+    with torch.no_grad():
+        got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
+    torch.testing.assert_close(got.double(), _per_token_reference(x, index, weight, *weights, "silu"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _kernel_in_child(queue):
@@ -288,18 +281,13 @@ def _kernel_in_child(queue):
     queue.put(float((got.double() - _per_token_reference(x, index, weight, *weights, "silu")).abs().max()))
 
 
-def test_eager_kernel_works_in_a_forked_child_of_a_process_with_expert_threads():
+def test_eager_kernel_works_in_a_forked_child_of_a_process_with_expert_threads(two_threads):
     """A forked child has no worker threads: it starts its own instead of waiting on the parent's."""
     import multiprocessing
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x, index, weight, weights = _kernel_case()
-        with torch.no_grad():
-            moefx.ops.moe_ffn_kernel(x, index, weight, *weights, "silu")  # the parent's workers exist
-    finally:
-        torch.set_num_threads(threads)
+    x, index, weight, weights = _kernel_case()
+    with torch.no_grad():
+        moefx.ops.moe_ffn_kernel(x, index, weight, *weights, "silu")  # the parent's workers exist
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_kernel_in_child, args=(queue,))
@@ -314,7 +302,7 @@ def test_eager_kernel_works_in_a_forked_child_of_a_process_with_expert_threads()
             child.join()
 
 
-def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch):
+def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch, two_threads):
     """A small router's ops run on one intra-op thread in eager inference (each op is smaller than a pool
     wake-up); in training, or with the switch off, they run on all threads."""
     from moefx import layers, ops
@@ -324,21 +312,16 @@ def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch):
     layer = MoELayer(TopKRouter(16, cfg), bank)
     seen = []
     layer.router.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x = torch.randn(2, 20, 16)
-        with torch.inference_mode():
-            layer.eval()(x)
-        layer.train()(x)
-        monkeypatch.setattr(ops, "_SERIAL_GLUE", False)
-        with torch.inference_mode():
-            layer.eval()(x)
-        monkeypatch.setattr(ops, "_SERIAL_GLUE", True)
-        monkeypatch.setattr(layers, "_SERIAL_ROUTER_MACS", 16 * 4 * 40 - 1)  # a router GEMM above the limit
-        with torch.inference_mode():
-            layer(x)
-        assert seen == [1, 2, 2, 2]
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.randn(2, 20, 16)
+    with torch.inference_mode():
+        layer.eval()(x)
+    layer.train()(x)
+    monkeypatch.setattr(ops, "_SERIAL_GLUE", False)
+    with torch.inference_mode():
+        layer.eval()(x)
+    monkeypatch.setattr(ops, "_SERIAL_GLUE", True)
+    monkeypatch.setattr(layers, "_SERIAL_ROUTER_MACS", 16 * 4 * 40 - 1)  # a router GEMM above the limit
+    with torch.inference_mode():
+        layer(x)
+    assert seen == [1, 2, 2, 2]
+    assert torch.get_num_threads() == 2

@@ -237,7 +237,7 @@ class _ExpertWorkers:
 
     Splitting the experts' rows between threads that each run their GEMMs on one core beats running every
     GEMM on all cores one after another: no thread-pool wake-up or thread-count switch per GEMM, and the
-    small ops between the GEMMs run in parallel too (a 512-token layer at 2 threads: 7.4 -> 5.5 ms; at 8
+    small ops between the GEMMs run in parallel too (a 512-token layer at 2 threads: 7.4 -> 5.2 ms; at 8
     tokens 3.5 -> 0.8 ms). The workers start on first use and live as long as the process.
     """
 
@@ -290,8 +290,15 @@ def _expert_workers(count: int) -> _ExpertWorkers:
         return workers
 
 
-# A forked child has none of the parent's threads: it starts its own workers when it needs them.
-os.register_at_fork(after_in_child=_WORKERS.clear)
+def _forget_workers() -> None:
+    """In a forked child: none of the parent's threads exist (and the lock may have been held by one)."""
+    global _WORKERS_LOCK
+    _WORKERS.clear()
+    _WORKERS_LOCK = threading.Lock()
+
+
+# A forked child starts its own workers when it needs them.
+os.register_at_fork(after_in_child=_forget_workers)
 
 #: Whether the eager kernel splits the experts' rows between threads with one intra-op thread each
 #: (``MOEFX_EXPERT_THREADS=0``: off; then its GEMMs run one after another on all threads).

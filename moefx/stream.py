@@ -55,7 +55,7 @@ from .checkpoint import (
     write_index,
 )
 from .config import MoEConfig
-from .errors import CalibrationError, ModelLoadError, MoefxError, OutputExistsError
+from .errors import CalibrationError, ConfigError, ModelLoadError, MoefxError, OutputExistsError
 from .progress import progress
 
 __all__ = ["DEFAULT_SHARD_SIZE", "StreamPlan", "StreamResult", "parse_size", "plan_stream", "run_stream",
@@ -365,8 +365,11 @@ class _Producer:
         self.plan = plan
         self.reader = reader
         self.calibration = calibration or {}
+        self._moe_names = {d["name"]: d["moe"] for d in plan.model.moefx_info.layers}
         self.cache: dict[str, torch.Tensor] = {}
         self.warnings: list[str] = []
+        self.heal: tuple[int, dict[str, LayerSample], bool] | None = None  # steps, inputs, refit the router
+        self.healing: dict[str, dict[str, Any]] = {}  # by dense FFN name: the per-layer healing report
 
     def __call__(self, name: str) -> torch.Tensor:
         out = self.plan.tensors[name]
@@ -415,6 +418,12 @@ class _Producer:
         sample = self.calibration.get(layer.ffn.name)
         moe = build_moe_layer(match, self.plan.config, layer.index, layer.ffn.name,
                               calib_inputs=None if sample is None else sample.inputs)
+        if self.heal is not None:
+            from .heal import _heal_layer
+
+            steps, inputs, refit_router = self.heal
+            entry = _heal_layer(moe, match, inputs[layer.ffn.name].inputs, steps, refit_router)
+            self.healing[layer.ffn.name] = {"layer": self._moe_names[layer.ffn.name], **entry}
         written = set(self.plan.tensors)
         for key, value in moe.state_dict().items():
             name = f"{layer.prefix}.{key}"
@@ -467,11 +476,12 @@ def _prepare_work_dir(plan: StreamPlan, work: Path) -> dict[str, Any]:
 
 
 def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = 16384,
-                     tokenizer: Any = None) -> dict[str, LayerSample]:
+                     tokenizer: Any = None, for_healing: bool = False) -> dict[str, LayerSample]:
     """Calibration statistics for ``plan``'s FFNs in bounded memory: the calibration batches go through the
     model one decoder layer at a time (:class:`~moefx.layerwise.LayerwiseRunner`), and each FFN keeps the same
     seeded sample of its inputs ``moefx.convert(..., calib=...)`` keeps, so the streamed conversion equals the
-    in-memory one."""
+    in-memory one. ``for_healing``: the sample healing takes for a layer that is not a calibrated split (split
+    layers heal on the sample they were built from)."""
     from .calibrate import TokenSampler, calibration_batches, find_tokenizer, real_tokens
     from .experts import layer_generator
     from .layerwise import LayerwiseRunner
@@ -486,7 +496,8 @@ def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = 16384,
         masks.append(mask)
     if not feeds:
         raise CalibrationError("the calibration data holds no batches; give at least one example")
-    samplers = {layer.ffn.name: TokenSampler(calib_tokens, layer_generator(plan.config, layer.index, stream=3))
+    stream = 4 if for_healing else 3  # the generator streams of moefx.heal.heal_layers and of split
+    samplers = {layer.ffn.name: TokenSampler(calib_tokens, layer_generator(plan.config, layer.index, stream=stream))
                 for layer in plan.layers.values()}
 
     def on_ffn(a) -> None:
@@ -500,20 +511,34 @@ def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = 16384,
 
 
 def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
-               crash_after_shards: int | None = None, calibration: dict[str, LayerSample] | None = None) -> StreamResult:
+               crash_after_shards: int | None = None, calibration: dict[str, LayerSample] | None = None,
+               heal_steps: int | None = None, heal_inputs: dict[str, LayerSample] | None = None) -> StreamResult:
     """Carry out ``plan``, writing the converted model to the directory ``out`` (see the module docstring).
 
     ``calibration``: the FFNs' calibration samples (:func:`calibrate_stream`), for ``init='split'``.
+    ``heal_steps``: heal each MoE layer right after it is built, as ``moefx.convert(..., heal=True)`` does
+    (:mod:`moefx.heal`), on ``heal_inputs`` (``calibrate_stream(..., for_healing=True)``; a calibrated split
+    heals on ``calibration``), one layer in memory at a time.
     ``crash_after_shards`` raises ``KeyboardInterrupt`` after that many shards were written in this run
     (for tests of resume; a real interruption is the same).
     """
     from .io import _move_into_place, write_metadata_files
 
     start = time.perf_counter()
-    if calibration is not None:
+    calibrated_split = calibration is not None and plan.config.init == "split"
+    if heal_steps is not None:
+        if heal_steps < 0:
+            raise ConfigError(f"heal steps must be >= 0, got {heal_steps}")
+        heal_inputs = calibration if calibrated_split else heal_inputs
+        if heal_inputs is None:
+            raise ConfigError("healing fits the MoE layers to the dense FFNs on calibration data; pass heal_inputs= "
+                              "(--calib FILE)")
+    samples = {**(calibration or {}), **{f"heal:{k}": v for k, v in (heal_inputs or {}).items()}}
+    if samples or heal_steps is not None:
         digest = hashlib.sha256(plan.fingerprint.encode())
-        for name in sorted(calibration):
-            digest.update(name.encode() + calibration[name].inputs.numpy().tobytes())
+        digest.update(f"heal_steps={heal_steps}".encode())
+        for name in sorted(samples):
+            digest.update(name.encode() + samples[name].inputs.numpy().tobytes())
         plan = dataclasses.replace(plan, fingerprint=digest.hexdigest())  # other data: start over
     _record_split_layers(plan, calibration)
     out = Path(out)
@@ -526,6 +551,8 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
     state = _prepare_work_dir(plan, work)
     reader = _Reader()
     producer = _Producer(plan, reader, calibration)
+    if heal_steps is not None:
+        producer.heal = (heal_steps, heal_inputs, not calibrated_split)
     done = state["done"]
     todo = [i for i, f in enumerate(plan.shard_files) if f not in done]
     total = sum(plan.tensors[n].nbytes for i in todo for n in plan.shards[i])
@@ -553,6 +580,7 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
                 shards_written += 1
                 done[file] = digest
                 state["warnings"] = list(dict.fromkeys([*state.get("warnings", []), *producer.warnings]))
+                state["healing"] = {**state.get("healing", {}), **producer.healing}
                 _write_json_atomic(work / _STATE, state)
                 if crash_after_shards is not None and shards_written >= crash_after_shards:
                     raise KeyboardInterrupt(f"simulated crash after {shards_written} shards")
@@ -572,6 +600,9 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
         weight_files.append(INDEX_NAME)
     info = plan.model.moefx_info
     info.warnings = list(dict.fromkeys([*info.warnings, *state.get("warnings", [])]))
+    if heal_steps is not None:
+        healing = state.get("healing", {})
+        info.healing = [healing[d["name"]] for d in info.layers if d["name"] in healing]
     info.seconds = time.perf_counter() - start
     (work / _STATE).unlink()
     write_metadata_files(plan.model, info, info.source, work, weight_files)

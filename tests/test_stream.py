@@ -150,6 +150,33 @@ def test_sharded_output_loads_lazily_with_the_same_tensors_and_outputs(tmp_path)
         assert torch.equal(eager(ids).logits.to(torch.bfloat16), memory(ids).logits)
 
 
+@pytest.mark.parametrize("init", ["split", "random"])
+def test_streamed_healing_equals_in_memory_healing_byte_for_byte(tmp_path, init):
+    """--stream --heal heals each layer right after building it, on the same samples of the dense inputs as
+    convert(heal=True): the same bytes, and the same per-layer report."""
+    from moefx.stream import calibrate_stream
+
+    src = _hf_dir(tmp_path, "llama", dtype=torch.float32)
+    extra = {"shared_experts": 1} if init == "split" else {"expert_size": 16}
+    config = moefx.MoEConfig(num_experts=3, top_k=1, init=init, seed=1, **extra)
+    ids = torch.randint(1, 96, (48, 8), generator=torch.Generator().manual_seed(0))
+    calib = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    source = load_source(src)
+    model = moefx.convert(source.model, config, inplace=True, source=source.to_dict(), calib=calib,
+                          calib_tokens=300, heal=True, heal_steps=60)
+    moefx.save(model, tmp_path / "memory")
+    plan = plan_stream(src, config)
+    if init == "split":
+        samples = {"calibration": calibrate_stream(plan, calib, calib_tokens=300)}
+    else:
+        samples = {"heal_inputs": calibrate_stream(plan, calib, calib_tokens=300, for_healing=True)}
+    run_stream(plan, tmp_path / "streamed", heal_steps=60, **samples)
+    assert _same_files(tmp_path / "memory", tmp_path / "streamed") == []
+    report = json.loads((tmp_path / "streamed" / "report.json").read_text())["healing"]
+    assert report == json.loads(json.dumps(model.moefx_info.healing))
+    assert len(report) == 3 and all(entry["kept"] and entry["error_after"] < entry["error_before"] for entry in report)
+
+
 def test_resume_after_a_crash_gives_the_same_bytes(tmp_path):
     src = tmp_path / "src"
     write_random_checkpoint(src, _llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -199,6 +226,13 @@ def test_cli_stream_and_bad_inputs(tmp_path, capsys):
                    capsys)
     assert rc == 0, err
     assert moefx.load(tmp_path / "out") is not None
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randint(1, 96, (24, 8), generator=torch.Generator().manual_seed(0)), calib)
+    rc, err = _cli(["convert", str(src), "--stream", "-q", "--init", "split", "--experts", "4", "--calib", str(calib),
+                    "--heal", "--heal-steps", "5", "-o", str(tmp_path / "healed")], capsys)
+    assert rc == 0, err
+    healing = json.loads((tmp_path / "healed" / "report.json").read_text())["healing"]
+    assert [entry["layer"] for entry in healing] == [f"model.layers.{i}.mlp" for i in range(3)]
 
     def bad(args, pattern):
         rc, err = _cli(["convert", *args, "--stream", "-q", "-o", str(tmp_path / "bad")], capsys)

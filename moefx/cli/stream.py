@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from moefx.config import MoEConfig
-from moefx.errors import ConfigError
 
 __all__ = ["run_streamed"]
 
@@ -18,13 +17,14 @@ def run_streamed(args: argparse.Namespace, config: MoEConfig, out: Path) -> int:
     from moefx.stream import calibrate_stream, parse_size, plan_stream, run_stream
 
     max_shard_size = parse_size(args.max_shard_size)
-    if args.heal:
-        raise ConfigError("--heal is not supported with --stream yet: heal the streamed output with `moefx heal`")
     plan = plan_stream(args.model, config, max_shard_size=max_shard_size)
-    calibration = None
+    calibration = heal_inputs = None
     if args.calib is not None and config.init == "split":
         calibration = calibrate_stream(plan, args.calib, calib_tokens=args.calib_tokens)
-    result = run_stream(plan, out, force=args.force, calibration=calibration)
+    elif args.heal:
+        heal_inputs = calibrate_stream(plan, args.calib, calib_tokens=args.calib_tokens, for_healing=True)
+    result = run_stream(plan, out, force=args.force, calibration=calibration,
+                        heal_steps=args.heal_steps if args.heal else None, heal_inputs=heal_inputs)
     report = plan.model.moefx_info.report()
     report["stream"] = {"shards": len(plan.shard_files), "shards_kept": result.shards_kept,
                         "bytes_read": result.bytes_read, "bytes_written": result.bytes_written,

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils import _python_dispatch
 
 from . import ops
 from .activations import ACTIVATIONS
-from .routers import Router, Routing, RoutingStats, _tracing
+from .routers import Router, Routing, RoutingStats, _unobserved
 
 __all__ = ["ExpertBank", "MoELayer", "routing_stats"]
 
@@ -228,13 +227,7 @@ def _plain_inference(tokens: torch.Tensor, combine_weight: torch.Tensor, experts
     Then the layer may call the eager kernel directly; otherwise it calls the custom op, so that graphs keep
     one node per layer, FLOP counters see the op and backward recomputes instead of storing activations.
     """
-    if type(tokens) is not torch.Tensor:  # FX proxies, fake and functional tensors, tensor subclasses
-        return False
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (tokens, combine_weight, *experts.weights())
-    ):
-        return False
-    return not _tracing() and _python_dispatch._get_current_dispatch_mode() is None
+    return _unobserved(tokens, combine_weight, *experts.weights())
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict]:

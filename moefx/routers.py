@@ -49,7 +49,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
+from torch.utils import _python_dispatch
 
+from . import ops
 from .config import MoEConfig
 from .errors import ConfigError
 from .ops import route_topk
@@ -133,6 +136,31 @@ class Routing:
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """True when nothing observes ops on ``x`` and ``others``: ``x`` a plain tensor, and no autograd, tracer,
+    export, compile or dispatch mode (FLOP counters). Eager inference may then take shortcuts that graphs
+    must not hold."""
+    if type(x) is not torch.Tensor:  # FX proxies, fake and functional tensors, tensor subclasses
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        return False
+    return not _tracing() and _python_dispatch._get_current_dispatch_mode() is None
+
+
+def _gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``gate(x)``; for a plain ``nn.Linear`` in unobserved eager inference, through the eager kernel's GEMM
+    routine (:func:`moefx.ops._linear_here`: oneDNN where it is faster; the router's ``[T, H] x [H, E]``
+    GEMM at 512 tokens takes 75 us there against 127 us in ``F.linear`` on this project's CPU)."""
+    if (
+        type(gate) is nn.Linear
+        and not (gate._forward_hooks or gate._forward_pre_hooks)
+        and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+        and _unobserved(x, gate.weight, gate.bias)
+    ):
+        return ops._linear_here(x, gate.weight, gate.bias)
+    return gate(x)
 
 
 class Router(nn.Module):
@@ -434,7 +462,7 @@ class TopKRouter(Router):
         return math.ceil(num_tokens * self.capacity_factor / self.num_experts)
 
     def forward(self, x: torch.Tensor, group_size: int | None = None) -> Routing:
-        logits = self.gate(x).float()  # [T, E]
+        logits = _gate_logits(self.gate, x).float()  # [T, E]
         index, weight = route_topk(logits, self.top_k, self.normalize_weights)  # [T, k]
         first_choice = index[:, 0]  # before capacity: the Switch loss counts what tokens asked for
         dropless = self.capacity_factor is None
@@ -542,7 +570,7 @@ class ExpertChoiceRouter(Router):
         num_tokens = x.shape[0]
         groups, m = _groups(num_tokens, group_size)
         num_experts = self.num_experts
-        logits = self.gate(x).float()  # [T, E]
+        logits = _gate_logits(self.gate, x).float()  # [T, E]
         log_probs = torch.log_softmax(logits, dim=-1)
         probs = log_probs.exp()
         scores = probs.reshape(groups, m, num_experts).transpose(1, 2)  # [G, E, m]

@@ -23,9 +23,11 @@ from moefx.errors import ConfigError
 from moefx.layers import ExpertBank, MoELayer, routing_stats
 from moefx.routers import (
     ROUTER_TYPES,
+    ExpertChoiceRouter,
     SoftMoERouter,
     StaticRouter,
     TaskRouter,
+    TopKRouter,
     build_router,
     check_router_causality,
     model_causality,
@@ -630,3 +632,36 @@ def test_examples_run(script):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "success rate" in result.stdout or "balance" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("router_cls", [TopKRouter, ExpertChoiceRouter])
+def test_gate_takes_the_kernel_gemm_only_when_nothing_observes_it(monkeypatch, router_cls):
+    """In eager inference the gate runs through the eager kernel's GEMM routine, with nn.Linear's logits; with
+    autograd, a hook on the gate or a dispatch mode (a FLOP counter) it is the module call they can see."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moefx import ops
+
+    routine, calls = ops._linear_here, []
+    monkeypatch.setattr(ops, "_linear_here", lambda *args: calls.append(args[0].shape) or routine(*args))
+    router = router_cls(32, moefx.MoEConfig(num_experts=8, top_k=2, init="split")).eval()  # split: gate bias
+    assert router.gate.bias is not None or router_cls is ExpertChoiceRouter
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        expected = router.gate(x).float()
+    with torch.inference_mode():
+        logits = router(x, 40).logits
+    assert calls == [x.shape]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+    calls.clear()
+    assert router(x, 40).logits.requires_grad  # autograd: the module
+    seen = []
+    hook = router.gate.register_forward_hook(lambda *_: seen.append(True))
+    with torch.inference_mode():
+        router(x, 40)
+    hook.remove()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        router(x, 40)
+    assert counter.get_total_flops() >= 2 * 40 * 32 * 8
+    assert calls == [] and seen == [True]

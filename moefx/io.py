@@ -317,6 +317,27 @@ def _write_failed(out: Path, reason: str) -> MoefxError:
 
 
 @contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A new temporary directory beside ``out`` (on its file system, so that a rename publishes what is built
+    there), removed on exit with whatever is still in it. A write the operating system refused inside the
+    block (a full disk) becomes a :class:`MoefxError` naming ``out`` that says nothing was changed."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
+    try:
+        yield tmp
+    except BaseException as exc:
+        reason = write_failure(exc)
+        if reason is not None:
+            raise _write_failed(out, reason) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out`` in one rename.
 
@@ -331,19 +352,9 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise MoefxError(f"{out}: the parent directory {parent} does not exist; create it first")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
-    try:
+    with staging_dir(out) as tmp:
         yield tmp
         _move_into_place(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_failure(exc)
-        if reason is not None:
-            raise _write_failed(out, reason) from None
-        raise
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

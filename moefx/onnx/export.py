@@ -21,8 +21,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import traceback
 import warnings
@@ -40,7 +38,7 @@ from torch.utils import _pytree as pytree
 from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
-from ..io import _first_line, _write_failed, atomic_write_text, write_failure
+from ..io import _first_line, atomic_write_text, staging_dir
 from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
@@ -626,19 +624,8 @@ def _output_staging(path: Path, force: bool) -> Iterator[Path]:
     parent = path.parent
     if not parent.is_dir():
         raise MoefxError(f"{path}: the directory {parent} does not exist; create it first or choose another path")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise MoefxError(f"{path}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
-    try:
+    with staging_dir(path) as staging:
         yield staging
-    except Exception as exc:
-        reason = write_failure(exc)
-        if reason is not None:  # a full disk while writing the staged file: the target was not touched
-            raise _write_failed(path, reason) from None
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(staging: Path, path: Path, data_name: str | None) -> None:

@@ -12,9 +12,9 @@ moefx's kernel runs its expert GEMMs through oneDNN where that is faster than ``
 GEMM is about half as fast); the script also times it restricted to ``F.linear``, the routine the dense FFN
 and the Mixtral block use, so that both comparisons are visible.
 
-ORT runs the MoE layer exported three ways: fused (one ``com.microsoft.MoE`` node), unfused (standard ops,
-every expert on every token) and gather (``export_onnx(gather_experts=True)``: per expert, its tokens
-gathered and MatMuls with constant weights that ORT pre-packs).
+ORT runs the MoE layer exported three ways: fused (one ``com.microsoft.MoE`` node), unfused (standard ops
+only) and gather (``export_onnx(gather_experts=True)``: per expert, its tokens gathered and MatMuls with
+constant weights that ORT pre-packs; the unfused export of a top-k layer is the same form).
 
 Goals (issue 5): ORT fused (or gather) MoE >= 3x ORT dense; eager MoE >= 3x eager dense and no slower than
 MixtralSparseMoeBlock; Soft MoE with one slot per token (experts the size of the dense FFN, so its FLOPs

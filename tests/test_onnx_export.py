@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +472,9 @@ def test_router_without_ort_kernel_exports_one_function_call_per_layer(tmp_path,
     assert {(n.domain, n.op_type) for n in calls} <= set(functions)
     assert all(f.domain == "moefx" and f.node for f in proto.functions)
     assert {n.domain for f in proto.functions for n in f.node} <= STANDARD_DOMAINS
+    for function in proto.functions:  # each expert on its own tokens: one gather and scatter-add per expert
+        ops = Counter(n.op_type for n in function.node)
+        assert ops["NonZero"] == ops["ScatterND"] == 4 and "_e4" in function.name, (function.name, ops)
     assert {o.domain: o.version for o in proto.opset_import}["moefx"] == 1
     assert moe_nodes(proto) == []
     for layer in report.layers:

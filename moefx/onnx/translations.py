@@ -68,8 +68,8 @@ GELU_APPROXIMATION = (
     "exact (erf) GELU runs as ONNX Runtime's tanh-approximated GELU (|difference| <= 4.7e-4 per activation); "
     "export with exact=True (--exact) to keep the layer exact, unfused"
 )
-_FUNCTION_METHOD = ("one call of the model-local ONNX function {name} (standard ONNX ops: dense [tokens, experts] "
-                    "combine matrix, all experts batched with MatMul)")
+_FUNCTION_METHOD = ("one call of the model-local ONNX function {name} (standard ONNX ops: per expert, Gather of "
+                    "its tokens, MatMuls, ScatterND-add into the output)")
 
 
 @dataclass(frozen=True)
@@ -484,20 +484,21 @@ def expert_ffn(x: ir.Value, experts: ExpertWeights, e: int) -> ir.Value:
     return _linear(h, _expert_matrix(experts.w2, e), _expert_bias(experts.b2, e))
 
 
-def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> ir.Value:
+def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights, num_experts: int | None = None) -> ir.Value:
     """``sum_e combine[:, e] * expert_e(x)`` with each expert run on its own tokens only -> ``[T, O]``.
 
-    Per expert: the tokens with a positive weight (``NonZero``), their rows (``Gather``), the expert FFN as
-    MatMuls whose weights are constant 2-D initializers (ONNX Runtime pre-packs them at session start), the
-    rows weighted and added into the output (``ScatterND``, reduction ``add``). Standard ops only.
+    Per expert: the tokens with a non-zero weight (``NonZero``), their rows (``Gather``), the expert FFN as
+    MatMuls with 2-D weights taken from the bank (constant initializers once ONNX Runtime folds the slicing,
+    so it pre-packs them at session start), the rows weighted and added into the output (``ScatterND``,
+    reduction ``add``). Standard ops only. ``num_experts``: where the bank's shape is not known (inside a
+    function body).
     """
     combine = op.CastLike(combine, x)  # [T, E]
-    shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[experts.out_features]), axis=0)
+    shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(experts.w2, start=1, end=2), axis=0)
     out = op.CastLike(op.ConstantOfShape(shape), x)  # [T, O]
-    for e in range(experts.num_experts):
+    for e in range(experts.num_experts if num_experts is None else num_experts):
         weight = op.Gather(combine, op.Constant(value_int=e), axis=1)  # [T]
-        rows = op.Transpose(op.NonZero(op.Greater(weight, op.CastLike(op.Constant(value_float=0.0), weight))),
-                            perm=[1, 0])  # [n_e, 1]
+        rows = op.Transpose(op.NonZero(weight), perm=[1, 0])  # [n_e, 1]
         index = op.Reshape(rows, op.Constant(value_ints=[-1]))  # [n_e]
         y = expert_ffn(op.Gather(x, index, axis=0), experts, e)  # [n_e, O]
         y = op.Mul(y, op.Unsqueeze(op.Gather(weight, index, axis=0), [1]))
@@ -517,6 +518,7 @@ class MoEFunctionSpec:
     """One ``moefx::moe_ffn_*`` function: the expert kind it computes, and which optional weights it takes."""
 
     activation: str
+    num_experts: int
     inputs: tuple[str, ...]  # x, expert_index, combine_weight, w1, [b1], [w3], [b3], w2, [b2]
     dtype: ir.DataType
     index_dtype: ir.DataType
@@ -531,7 +533,7 @@ class MoEFunctionSpec:
         types = "" if (self.dtype, self.index_dtype, self.weight_dtype) == (
             ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.FLOAT) else (
             f"_{self.dtype.name.lower()}_{self.index_dtype.name.lower()}_{self.weight_dtype.name.lower()}")
-        return f"moe_ffn_{self.activation}{'_gated' if gated else ''}{suffix}{types}"
+        return f"moe_ffn_{self.activation}{'_gated' if gated else ''}_e{self.num_experts}{suffix}{types}"
 
 
 #: The functions the unfused ``moe_ffn`` translation called, by name; the exporter adds their bodies to the model.
@@ -539,7 +541,8 @@ MOE_FFN_FUNCTIONS: dict[str, MoEFunctionSpec] = {}
 
 
 def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Function:
-    """The body of ``moefx::<spec.name>``: :func:`assigned_combine` and :func:`dense_experts` in standard ops."""
+    """The body of ``moefx::<spec.name>``: the assignment as a combine matrix, then :func:`gather_experts` (each
+    expert on its own tokens) in standard ops."""
     import onnxscript
     from torch.onnx._internal.exporter import _building
 
@@ -560,7 +563,7 @@ def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Funct
         shape = op.Concat(op.Shape(index, start=0, end=1), op.Shape(experts.w1, start=0, end=1), axis=0)
         zeros = op.CastLike(op.ConstantOfShape(shape), weight)
         combine = op.ScatterElements(zeros, safe_index, weight, axis=1, reduction="add")  # [T, E]
-        output = dense_experts(values["x"], combine, experts)
+        output = gather_experts(values["x"], combine, experts, spec.num_experts)
     output.name = "output"
     graph = ir.Graph([values[name] for name in spec.inputs], [output], nodes=recorder.nodes,
                      opset_imports={"": opset_version}, name=spec.name)
@@ -569,12 +572,12 @@ def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Funct
 
 def call_moe_ffn_function(x: ir.Value, expert_index: ir.Value, combine_weight: ir.Value,
                           experts: ExpertWeights) -> tuple[ir.Value, str]:
-    """One ``moefx::moe_ffn_*`` node computing :func:`dense_experts` for a given assignment; returns its name."""
+    """One ``moefx::moe_ffn_*`` node computing :func:`gather_experts` for a given assignment; returns its name."""
     args = {"x": x, "expert_index": expert_index, "combine_weight": combine_weight, "w1": experts.w1,
             "b1": experts.b1, "w3": experts.w3, "b3": experts.b3, "w2": experts.w2, "b2": experts.b2}
     args = {name: value for name, value in args.items() if value is not None}
     float_type = ir.DataType.FLOAT
-    spec = MoEFunctionSpec(experts.activation, tuple(args), x.dtype or float_type,
+    spec = MoEFunctionSpec(experts.activation, experts.num_experts, tuple(args), x.dtype or float_type,
                            expert_index.dtype or ir.DataType.INT64, combine_weight.dtype or float_type)
     MOE_FFN_FUNCTIONS[spec.name] = spec
     node = getattr(moefx_function_opset(spec.name, list(args)), spec.name)

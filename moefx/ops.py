@@ -182,16 +182,22 @@ def moe_ffn_kernel(
             pieces = _pieces(len(order), threads)
             inference = torch.is_inference_mode_enabled()
             workers = _expert_workers(threads - 1)
-            futures = [workers.submit(_run_piece, out.shape, x, token, gate, counts, lo, hi, weights,
-                                      activation, inference) for lo, hi in pieces[1:]]
+            # At most two terms per token: 0 + a + b is the same float in either order, so every piece adds
+            # into the one output, under a lock (no buffer per piece to zero and add up). With more terms the
+            # order of the additions would change the result, so each piece has its own and they are summed.
+            lock = threading.Lock() if expert_index.shape[1] <= 2 else None
+            target = out if lock is not None else out.shape
+            futures = [workers.submit(_run_piece, target, x, token, gate, counts, lo, hi, weights,
+                                      activation, inference, lock) for lo, hi in pieces[1:]]
             try:
-                _run_piece(out, x, token, gate, counts, *pieces[0], weights, activation, inference)
+                _run_piece(out, x, token, gate, counts, *pieces[0], weights, activation, inference, lock)
             finally:
                 results = [f.exception() or f.result() for f in futures]  # wait for every piece
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-                out.add_(result)
+                if result is not out:
+                    out.add_(result)
             return out
         x_sorted = x.index_select(0, token)  # [kept, H]
         start = 0
@@ -214,8 +220,9 @@ def _pieces(rows: int, count: int) -> list[tuple[int, int]]:
 
 def _run_piece(out: torch.Tensor | torch.Size, x: torch.Tensor, token: torch.Tensor, gate: torch.Tensor,
                counts: list[int], lo: int, hi: int, weights: tuple, activation: str,
-               inference: bool) -> torch.Tensor:
-    """Rows ``lo:hi`` of the expert-sorted assignments, added into ``out`` (or a new zero tensor of that shape)."""
+               inference: bool, lock: threading.Lock | None = None) -> torch.Tensor:
+    """Rows ``lo:hi`` of the expert-sorted assignments, added into ``out`` (or a new zero tensor of that shape),
+    each addition under ``lock`` if given (``out`` shared with other pieces)."""
     act = ACTIVATIONS[activation]
     # (torch.inference_mode(False) would turn gradients on: a worker runs under no_grad unless inference)
     with torch.inference_mode() if inference else torch.no_grad():
@@ -227,8 +234,9 @@ def _run_piece(out: torch.Tensor | torch.Size, x: torch.Tensor, token: torch.Ten
             a, b = max(start, lo), min(start + count, hi)
             start += count
             if a < b:
-                y = _expert_rows(x_piece[a - lo:b - lo], e, *weights, act)
-                out.index_add_(0, token[a:b], y.mul_(gate[a:b]))
+                y = _expert_rows(x_piece[a - lo:b - lo], e, *weights, act).mul_(gate[a:b])
+                with lock or contextlib.nullcontext():
+                    out.index_add_(0, token[a:b], y)
     return out
 
 

@@ -189,20 +189,21 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch, two_
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def _kernel_case(tokens=60):
+def _kernel_case(tokens=60, k=2):
     weights = _weights(E=4, H=16, I=24, O=16, gated=True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, 16, generator=g)
-    index = torch.randint(0, 4, (tokens, 2), generator=g)
+    index = torch.randint(0, 4, (tokens, k), generator=g)
     index[tokens // 2, 1] = -1  # a dropped assignment
-    return x, index, torch.rand(tokens, 2, generator=g), weights
+    return x, index, torch.rand(tokens, k, generator=g), weights
 
 
-@pytest.mark.parametrize("tokens", [3, 60])
-def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, two_threads):
+@pytest.mark.parametrize(("tokens", "k"), [(3, 2), (60, 2), (60, 3)])
+def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, k, two_threads):
     """With 2 intra-op threads the kernel's expert rows run on two threads (the caller and a worker), each
     with one intra-op thread; the result is the per-token reference, in and out of inference mode, and the
-    caller's thread count, and the count new threads start with, are left as they were."""
+    caller's thread count, and the count new threads start with, are left as they were. (Top-2 pieces add
+    into one output, top-3 ones into their own.)"""
     import threading
 
     from moefx import ops
@@ -211,7 +212,7 @@ def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, tw
     here = ops._linear_here
     monkeypatch.setattr(ops, "_linear_here", lambda *a: (
         seen.add((threading.current_thread().name, torch.get_num_threads())), here(*a))[1])
-    x, index, weight, weights = _kernel_case(tokens)
+    x, index, weight, weights = _kernel_case(tokens, k)
     want = _per_token_reference(x, index, weight, *weights, "silu")
     with torch.no_grad():
         got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
@@ -231,6 +232,26 @@ def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, tw
     assert {c for _, c in seen} == {1}
     assert torch.get_num_threads() == 2
     assert _new_thread_count() == 2
+
+
+def test_expert_threads_lose_no_addition_into_the_shared_output(two_threads):
+    """Top-2 pieces add into one output under a lock: with every token sent to experts 0 and 1, one per thread,
+    both threads add into every row at about the same time, and no run loses an addition."""
+    from moefx import ops
+
+    g = torch.Generator().manual_seed(0)
+    tokens, hidden = 16384, 128
+    x = torch.randn(tokens, hidden, generator=g)
+    index = torch.stack([torch.zeros(tokens, dtype=torch.long), torch.ones(tokens, dtype=torch.long)], dim=1)
+    weight = torch.full((tokens, 2), 0.5)
+    w1, w2 = torch.randn(2, 8, hidden, generator=g) * 0.1, torch.randn(2, hidden, 8, generator=g) * 0.1
+    want = _per_token_reference(x[:64], index[:64], weight[:64], w1, None, None, None, w2, None, "silu")
+    ref = sum(0.5 * F.linear(F.silu(F.linear(x, w1[e])), w2[e]) for e in range(2))
+    torch.testing.assert_close(ref[:64].double(), want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        for _ in range(100):
+            got = ops.moe_ffn_kernel(x, index, weight, w1, None, None, None, w2, None, "silu")
+            assert (got - ref).abs().max() < 1e-4
 
 
 def test_expert_workers_run_on_one_intra_op_thread_and_leave_the_callers_count(two_threads):

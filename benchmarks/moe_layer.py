@@ -14,7 +14,10 @@ and the Mixtral block use, so that both comparisons are visible.
 
 ORT runs the MoE layer exported three ways: fused (one ``com.microsoft.MoE`` node), unfused (standard ops
 only) and gather (``export_onnx(gather_experts=True)``: per expert, its tokens gathered and MatMuls with
-constant weights that ORT pre-packs; the unfused export of a top-k layer is the same form).
+constant weights that ORT pre-packs; the unfused export of a top-k layer is the same form). At 512 tokens it
+also times the fused node's expert GEMMs alone, as ORT MatMuls on the same rows (weights packed on every run,
+as the MoE kernel does, and pre-packed): how much of the node is GEMM, and the most a node with pre-packed
+weights and no other cost could reach.
 
 Goals (issue 5): ORT fused (or gather) MoE >= 3x ORT dense; eager MoE >= 3x eager dense and no slower than
 MixtralSparseMoeBlock; Soft MoE with one slot per token (experts the size of the dense FFN, so its FLOPs
@@ -143,6 +146,45 @@ def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
     return run
 
 
+def ort_expert_gemms(layer: MoELayer, x: torch.Tensor, path: Path, prepacked: bool):
+    """The expert GEMMs of ORT's fused MoE node on ``x`` alone, as ORT MatMuls: per expert with tokens, its
+    fc1 (gate and up, ``[rows, H] x [H, 2I]``) and fc2 (``[rows, I] x [I, H]``) on that expert's row count.
+    ``prepacked``: weights as initializers, which ORT packs once at session start; else as inputs, packed on
+    every run as the MoE kernel does. Returns the ORT runner."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moefx.bench.runners import ort_runner
+
+    with torch.inference_mode():
+        index = layer.router(x.reshape(-1, HIDDEN)).expert_index
+    counts = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    bank = layer.experts
+    nodes, initializers, inputs, outputs, feed = [], [], [], [], {}
+    rng = torch.Generator().manual_seed(0)
+    for e, rows in enumerate(counts):
+        if rows == 0:
+            continue
+        fc1 = torch.cat([bank.w1[e], bank.w3[e]]).detach().T.contiguous().numpy()  # [H, 2I]
+        fc2 = bank.w2[e].detach().T.contiguous().numpy()  # [I, H]
+        for name, shape in ((f"x{e}", [rows, HIDDEN]), (f"h{e}", [rows, bank.expert_size])):
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            feed[name] = torch.randn(shape, generator=rng).numpy()
+        for name, weight in ((f"fc1_{e}", fc1), (f"fc2_{e}", fc2)):
+            if prepacked:
+                initializers.append(numpy_helper.from_array(weight, name))
+            else:
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(weight.shape)))
+                feed[name] = weight
+        nodes += [helper.make_node("MatMul", [f"x{e}", f"fc1_{e}"], [f"y{e}"]),
+                  helper.make_node("MatMul", [f"h{e}", f"fc2_{e}"], [f"z{e}"])]
+        outputs += [helper.make_tensor_value_info(f"y{e}", TensorProto.FLOAT, None),
+                    helper.make_tensor_value_info(f"z{e}", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "expert_gemms", inputs, outputs, initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return lambda threads: ort_runner(path, feed, threads)
+
+
 def with_aten_gemms(fn):
     """``fn`` with moefx's kernel restricted to ``F.linear`` (the GEMM routine dense and Mixtral use)."""
 
@@ -223,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                         candidates["soft-aten"] = with_aten_gemms(eager_fn(soft, x))
                 for key, file in files.items():
                     candidates[f"ort-{key}"] = ort_runner(file, _feed(file, x), t)
+                if files and n > 1:
+                    for key in ("raw", "prepacked"):
+                        runner = ort_expert_gemms(moe, x, Path(tmp) / f"gemms-{key}-{n}.onnx", key == "prepacked")
+                        candidates[f"ort-gemms-{key}"] = runner(t)
                 start = time.perf_counter()
                 timing = interleaved(candidates, rounds=args.rounds, min_seconds=args.min_seconds)
                 ms = {k: v.p50 * 1e3 for k, v in timing.items()}
@@ -245,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                     ratios["ORT dense / ORT unfused MoE"] = ms["ort-dense"] / ms["ort-moe-unfused"]
                     ratios["ORT dense / ORT gather MoE (gather_experts=True; goal >= 3)"] = (
                         ms["ort-dense"] / ms["ort-moe-gather"])
+                if "ort-gemms-raw" in ms:
+                    ratios["  ORT fused: share of the node in its expert GEMMs (as MatMuls packed per run)"] = (
+                        ms["ort-gemms-raw"] / ms["ort-moe-fused"])
+                    ratios["  ORT fused, ceiling: ORT dense / expert MatMuls with pre-packed weights"] = (
+                        ms["ort-dense"] / ms["ort-gemms-prepacked"])
                 row["ratios"] = ratios
                 results.append(row)
                 times = "  ".join(f"{k} {v:.3f}" for k, v in ms.items())

@@ -177,6 +177,32 @@ def test_streamed_healing_equals_in_memory_healing_byte_for_byte(tmp_path, init)
     assert len(report) == 3 and all(entry["kept"] and entry["error_after"] < entry["error_before"] for entry in report)
 
 
+def test_streamed_healing_resumes_after_a_crash_with_the_same_bytes_and_report(tmp_path):
+    """A crash part-way through --stream --heal, then a resume: layers in finished shards keep their healing
+    report entries, the rest are healed again, and bytes and report equal an uninterrupted run's."""
+    from moefx.stream import calibrate_stream
+
+    src = _hf_dir(tmp_path, "llama", dtype=torch.float32)
+    config = moefx.MoEConfig(num_experts=3, top_k=1, init="random", expert_size=16, seed=1)
+    ids = torch.randint(1, 96, (48, 8), generator=torch.Generator().manual_seed(0))
+    calib = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def stream(out, **kwargs):
+        plan = plan_stream(src, config, max_shard_size="20KB")
+        inputs = calibrate_stream(plan, calib, calib_tokens=300, for_healing=True)
+        return plan, run_stream(plan, out, heal_steps=30, heal_inputs=inputs, **kwargs)
+
+    plan, _ = stream(tmp_path / "reference")
+    assert len(plan.shard_files) >= 3
+    with pytest.raises(KeyboardInterrupt):
+        stream(tmp_path / "out", crash_after_shards=2)
+    _, result = stream(tmp_path / "out")
+    assert result.shards_kept == 2
+    assert _same_files(tmp_path / "reference", tmp_path / "out") == []
+    reports = [json.loads((tmp_path / d / "report.json").read_text())["healing"] for d in ("reference", "out")]
+    assert reports[0] == reports[1] and len(reports[0]) == 3
+
+
 def test_resume_after_a_crash_gives_the_same_bytes(tmp_path):
     src = tmp_path / "src"
     write_random_checkpoint(src, _llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -58,28 +58,32 @@ class LoRAMoELayer(MoELayer):
         group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]
         routing = self.router(tokens, group_size)
         index, weight = routing.expert_index, routing.combine_weight.to(tokens.dtype)  # [T, k]
+        # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it).
+        combine = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter_add_(
+            1, index.clamp_min(0), weight * (index >= 0))
         d = self.experts
         pre = F.linear(tokens, d.w1[0], None if d.b1 is None else d.b1[0])
-        pre = pre + self._adapt(tokens, index, weight, self.up_a, self.up_b)
+        pre = pre + self._adapt(tokens, combine, self.up_a, self.up_b)
         h = ACTIVATIONS[d.activation](pre)
         if d.gated:
             up = F.linear(tokens, d.w3[0], None if d.b3 is None else d.b3[0])
-            h = h * (up + self._adapt(tokens, index, weight, self.gate_up_a, self.gate_up_b))
+            h = h * (up + self._adapt(tokens, combine, self.gate_up_a, self.gate_up_b))
         if self.training and self.hidden_dropout > 0:
             h = F.dropout(h, self.hidden_dropout, training=True)
         y = F.linear(h, d.w2[0], None if d.b2 is None else d.b2[0])
-        y = y + self._adapt(h, index, weight, self.down_a, self.down_b)
+        y = y + self._adapt(h, combine, self.down_a, self.down_b)
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
-    def _adapt(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
-               b: torch.Tensor) -> torch.Tensor:
-        """``sum_j weight[t, j] * b[e_j] @ a[e_j] @ x[t]`` for each token t (dropped assignments: -1, none)."""
-        valid = index >= 0
-        e = index.clamp_min(0)  # [T, k]
-        low = torch.einsum("th,tkrh->tkr", x, a[e])  # [T, k, r]
-        low = low * (weight * valid).unsqueeze(-1)
-        return torch.einsum("tkr,tkor->to", low, b[e])
+    def _adapt(x: torch.Tensor, combine: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``sum_e combine[t, e] * b[e] @ a[e] @ x[t]`` for each token t, as two GEMMs: every expert's rank-r
+        projection of every token (``E * r`` columns, small beside the FFN's own GEMMs), weighted by
+        ``combine [T, E]`` (zero where the token did not pick the expert), then back up. Gathering each
+        token's adapters instead would copy ``T * k`` adapter matrices."""
+        experts, rank, _ = a.shape
+        low = F.linear(x, a.reshape(experts * rank, a.shape[-1]))  # [T, E * r]
+        low = (low.view(-1, experts, rank) * combine.unsqueeze(-1)).reshape(-1, experts * rank)
+        return F.linear(low, b.permute(1, 0, 2).reshape(b.shape[1], experts * rank))  # [T, O]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", lora_rank={self.rank}"

@@ -77,6 +77,45 @@ def test_lora_experts_are_exact_at_init_and_train_only_adapters_and_router(name)
     assert all(float(p.grad.abs().sum()) > 0 for n, p in layer.named_parameters() if n.endswith("_b"))
 
 
+@pytest.mark.parametrize(("name", "capacity_factor"), [("bert", None), ("llama", None), ("llama", 0.5)])
+def test_lora_layer_is_the_moelora_formula_token_by_token(name, capacity_factor):
+    """With non-zero adapters, a LoRA layer equals the formula evaluated token by token:
+    h = act(W1 x + b1 + sum_j g_j B1_j A1_j x) [* (W3 x + b3 + sum_j g_j B3_j A3_j x)],
+    y = W2 h + b2 + sum_j g_j B2_j A2_j h, over the token's routed experts j (dropped ones add nothing)."""
+    from moefx.activations import ACTIVATIONS
+
+    config = MoEConfig(init="lora", num_experts=4, top_k=2, lora_rank=3, capacity_factor=capacity_factor)
+    layer = moefx.moe_layers(moefx.convert(tiny_hf_model(name), config))[0][1].eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for adapter in (layer.up_b, layer.gate_up_b, layer.down_b):
+            if adapter is not None:
+                adapter.copy_(torch.randn(adapter.shape, generator=g) * 0.3)
+    x = torch.randn(2, 9, layer.experts.in_features, generator=g)
+    with torch.no_grad():
+        got = layer(x).reshape(-1, layer.experts.out_features).double()
+        routing = layer.router(x.reshape(-1, x.shape[-1]), 9)
+    if capacity_factor is not None:
+        assert bool((routing.expert_index < 0).any())  # some assignments were dropped
+    d = {n: (None if t is None else t.detach().double()) for n, t in zip(("w1", "b1", "w3", "b3", "w2", "b2"),
+                                                                             layer.experts.weights())}
+    act = ACTIVATIONS[layer.experts.activation]
+
+    def proj(w, b, v):
+        return w[0] @ v + (0 if b is None else b[0])
+
+    def adapters(a, b, v, t):
+        return sum(float(routing.combine_weight[t, j]) * (b[e].double() @ (a[e].double() @ v))
+                   for j, e in enumerate(routing.expert_index[t].tolist()) if e >= 0)
+
+    for t, row in enumerate(x.reshape(-1, x.shape[-1]).double()):
+        h = act(proj(d["w1"], d["b1"], row) + adapters(layer.up_a, layer.up_b, row, t))
+        if d["w3"] is not None:
+            h = h * (proj(d["w3"], d["b3"], row) + adapters(layer.gate_up_a, layer.gate_up_b, row, t))
+        want = proj(d["w2"], d["b2"], h) + adapters(layer.down_a, layer.down_b, h, t)
+        torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("init", ["split", "lora"])
 def test_split_and_lora_models_save_and_load_bit_identically(init, tmp_path):
     dense = tiny_hf_model("llama")

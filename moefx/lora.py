@@ -58,9 +58,10 @@ class LoRAMoELayer(MoELayer):
         group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]
         routing = self.router(tokens, group_size)
         index, weight = routing.expert_index, routing.combine_weight.to(tokens.dtype)  # [T, k]
-        # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it).
-        combine = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter_add_(
-            1, index.clamp_min(0), weight * (index >= 0))
+        # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it);
+        # one-hot and a sum rather than a scatter-add, which ONNX Runtime's CPU provider lacks for float16.
+        one_hot = F.one_hot(index.clamp_min(0), self.num_experts).to(tokens.dtype)  # [T, k, E]
+        combine = (one_hot * (weight * (index >= 0)).unsqueeze(-1)).sum(1)
         d = self.experts
         pre = F.linear(tokens, d.w1[0], None if d.b1 is None else d.b1[0])
         pre = pre + self._adapt(tokens, combine, self.up_a, self.up_b)

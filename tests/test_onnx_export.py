@@ -276,6 +276,23 @@ def test_lora_layers_match_torch(tmp_path, name):
     assert error <= 1e-4, f"{name}/lora: max abs error {error:.2e}"
 
 
+def test_float16_lora_layers_run_in_onnx_runtime(tmp_path):
+    """A half-precision LoRA model exports to ops ORT's CPU provider runs in float16 (its gate matrix is a
+    one-hot sum: ORT has no float16 ScatterElements with reduction) and matches torch."""
+    model = moefx.convert(tiny_hf_model("llama"), moefx.MoEConfig(num_experts=4, top_k=2, init="lora", lora_rank=3),
+                          example_kwargs=hf_inputs("llama", 2, 8, seed=0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in moefx.moe_layers(model):
+            for adapter in (layer.up_b, layer.gate_up_b, layer.down_b):
+                adapter.copy_(torch.randn(adapter.shape, generator=g) * 0.2)
+    model = model.half()
+    path = tmp_path / "lora-f16.onnx"
+    export_onnx(model, None, path)
+    error = ort_vs_torch(path, model, hf_inputs("llama", batch=3, seq=5, seed=1))
+    assert error <= 1e-2, f"float16 lora: max abs error {error:.2e}"
+
+
 @pytest.mark.slow
 def test_exact_keeps_exact_gelu_layers_unfused(converted_hf, tmp_path):
     model = converted_hf("bert", "random", padded=True)  # with an attention_mask input this time
@@ -438,6 +455,23 @@ def test_capacity_factor_layer(tmp_path, fuse_assigned):
         want = moe(x).numpy()
     assert all(layer.last_stats.dropped_fraction > 0 for _, layer in moefx.moe_layers(moe))
     assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, None], ids=["moefx-function", "gathered-topk"])
+def test_float64_layers_run_in_onnx_runtime(tmp_path, capacity_factor):
+    """Each expert's tokens are picked by NonZero over a bool mask: ORT's CPU provider has no float64 NonZero,
+    so a mask of the weights' own dtype would not load. Both forms that pick tokens (the moefx function of a
+    capacity-limited layer, the gathered unfused top-k) run in float64 and match torch."""
+    config = moefx.MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity_factor, init="random")
+    moe = moefx.convert(toy_model(lambda: MLP(act=nn.SiLU())), config, torch.randn(2, 8, 16)).double()
+    path = tmp_path / "f64.onnx"
+    export_onnx(moe, (torch.randn(2, 8, 16, dtype=torch.float64),), path, fused=capacity_factor is not None)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = moe(x).numpy()
+    assert got.dtype == np.float64 and np.abs(got - want).max() <= 1e-6  # routing weights are float32 in both
 
 
 # ---------------------------------------------------------------------------------------------------------

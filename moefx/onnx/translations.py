@@ -498,7 +498,9 @@ def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights, num_e
     out = op.CastLike(op.ConstantOfShape(shape), x)  # [T, O]
     for e in range(experts.num_experts if num_experts is None else num_experts):
         weight = op.Gather(combine, op.Constant(value_int=e), axis=1)  # [T]
-        rows = op.Transpose(op.NonZero(weight), perm=[1, 0])  # [n_e, 1]
+        # NonZero of a bool mask: ORT's CPU provider has NonZero for bool, not for float64.
+        chosen = op.Not(op.Equal(weight, op.CastLike(op.Constant(value_float=0.0), weight)))  # [T]
+        rows = op.Transpose(op.NonZero(chosen), perm=[1, 0])  # [n_e, 1]
         index = op.Reshape(rows, op.Constant(value_ints=[-1]))  # [n_e]
         y = expert_ffn(op.Gather(x, index, axis=0), experts, e)  # [n_e, O]
         y = op.Mul(y, op.Unsqueeze(op.Gather(weight, index, axis=0), [1]))

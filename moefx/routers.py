@@ -152,11 +152,14 @@ def _unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 def _gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gate(x)``; for a plain ``nn.Linear`` in unobserved eager inference, through the eager kernel's GEMM
     routine (:func:`moefx.ops._linear_here`: oneDNN where it is faster; the router's ``[T, H] x [H, E]``
-    GEMM at 512 tokens takes 75 us there against 127 us in ``F.linear`` on this project's CPU)."""
+    GEMM at 512 tokens takes 75 us there against 127 us in ``F.linear`` on this project's CPU). Autocast,
+    hooks and weights of a tensor subclass (quantized, say) get the module call."""
     if (
         type(gate) is nn.Linear
         and not (gate._forward_hooks or gate._forward_pre_hooks)
         and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+        and all(p is None or type(p.data) is torch.Tensor for p in (gate.weight, gate.bias))
+        and not torch.is_autocast_enabled(x.device.type)
         and _unobserved(x, gate.weight, gate.bias)
     ):
         return ops._linear_here(x, gate.weight, gate.bias)

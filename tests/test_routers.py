@@ -637,7 +637,8 @@ def test_examples_run(script):
 @pytest.mark.parametrize("router_cls", [TopKRouter, ExpertChoiceRouter])
 def test_gate_takes_the_kernel_gemm_only_when_nothing_observes_it(monkeypatch, router_cls):
     """In eager inference the gate runs through the eager kernel's GEMM routine, with nn.Linear's logits; with
-    autograd, a hook on the gate or a dispatch mode (a FLOP counter) it is the module call they can see."""
+    autograd, a hook on the gate, a dispatch mode (a FLOP counter), autocast or a tensor-subclass weight it is
+    the module call."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from moefx import ops
@@ -664,4 +665,13 @@ def test_gate_takes_the_kernel_gemm_only_when_nothing_observes_it(monkeypatch, r
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         router(x, 40)
     assert counter.get_total_flops() >= 2 * 40 * 32 * 8
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        router(x, 40)  # autocast runs the module's GEMM in bfloat16
+
+    class Wrapped(torch.Tensor):  # a weight of a tensor subclass (quantized weights are) handles its own GEMM
+        pass
+
+    router.gate.weight = torch.nn.Parameter(router.gate.weight.detach().as_subclass(Wrapped), requires_grad=False)
+    with torch.inference_mode():
+        router(x, 40)
     assert calls == [] and seen == [True]

@@ -37,6 +37,7 @@ import itertools
 import os
 import queue
 import threading
+from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +178,7 @@ def moe_ffn_kernel(
         weights = (w1, b1, w3, b3, w2, b2)
         if threads > 1 and cpu and _EXPERT_THREADS and len(order) >= _PARALLEL_MIN_ROWS * threads:
             # The sorted rows cut into equal contiguous pieces, one per thread; each piece gathers its rows and
-            # runs its experts' GEMM chains on one intra-op thread into its own output (an expert cut in two
-            # runs in both).
+            # runs its experts' GEMM chains on one intra-op thread (an expert cut in two runs in both).
             pieces = _pieces(len(order), threads)
             inference = torch.is_inference_mode_enabled()
             workers = _expert_workers(threads - 1)
@@ -273,10 +273,8 @@ class _ExpertWorkers:
                 except BaseException as exc:  # handed to the caller
                     future.set_exception(exc)
 
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        future: Future = Future()
+    def submit(self, fn, *args) -> Future:
+        future = Future()
         self._tasks.put((future, fn, args))
         return future
 
@@ -320,24 +318,30 @@ _SERIAL_GLUE = os.environ.get("MOEFX_SERIAL_GLUE", "1") != "0"
 
 
 @contextlib.contextmanager
+def _intra_op_threads(count: int | None):
+    """Run the block on ``count`` intra-op threads (None, or the current count: as it is), then put the count
+    back. ``torch.set_num_threads`` sets the calling thread's count, and the count that threads which have not
+    yet used torch start with; both are put back on exit."""
+    current = torch.get_num_threads()
+    if count is None or count == current:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
+
+
 def _serial_glue(enabled: bool):
     """Run the block's ops on one intra-op thread (GEMMs inside it switch back, see :func:`_expert_rows`).
 
     The gathers, activations and scatters between expert GEMMs are small (one expert's rows): split over
     threads, each costs a wake-up of the pool, tens of microseconds under ``OMP_WAIT_POLICY=PASSIVE`` (the
     setting for shared machines), more than the work itself; at 2 threads this made a 512-token layer 1.7x
-    slower. ``torch.set_num_threads`` sets the calling thread's count, and the count that threads which have
-    not yet used torch start with; both are put back on exit.
+    slower.
     """
-    if not enabled:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return _intra_op_threads(1 if enabled else None)
 
 
 def _expert_rows(x, e, w1, b1, w3, b3, w2, b2, act, threads: int | None = None) -> torch.Tensor:
@@ -373,14 +377,10 @@ _ONEDNN_MIN_ROWS = 8  # below this oneDNN's per-call overhead outweighs its fast
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` for a 2-D ``x``, through oneDNN where that is faster (fp32 CPU, >= 8 rows); on
     ``threads`` intra-op threads if given (and back to the current count afterwards)."""
-    current = torch.get_num_threads()
-    if threads is None or threads == current:
+    if threads is None:  # (the common case: no context manager on this per-GEMM path)
         return _linear_here(x, w, b)
-    torch.set_num_threads(threads)
-    try:
+    with _intra_op_threads(threads):
         return _linear_here(x, w, b)
-    finally:
-        torch.set_num_threads(current)
 
 
 def _linear_here(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

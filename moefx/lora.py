@@ -24,7 +24,7 @@ from .activations import ACTIVATIONS
 from .config import MoEConfig
 from .layers import ExpertBank, MoELayer
 from .passes.ffn_rules import FFNMatch
-from .routers import build_router
+from .routers import _assignment_load, build_router
 
 __all__ = ["LoRAMoELayer", "build_lora_layer"]
 
@@ -58,10 +58,8 @@ class LoRAMoELayer(MoELayer):
         group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]
         routing = self.router(tokens, group_size)
         index, weight = routing.expert_index, routing.combine_weight.to(tokens.dtype)  # [T, k]
-        # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it);
-        # one-hot and a sum rather than a scatter-add, which ONNX Runtime's CPU provider lacks for float16.
-        one_hot = F.one_hot(index.clamp_min(0), self.num_experts).to(tokens.dtype)  # [T, k, E]
-        combine = (one_hot * (weight * (index >= 0)).unsqueeze(-1)).sum(1)
+        # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it).
+        combine = _assignment_load(index, self.num_experts, weight)
         d = self.experts
         pre = F.linear(tokens, d.w1[0], None if d.b1 is None else d.b1[0])
         pre = pre + self._adapt(tokens, combine, self.up_a, self.up_b)

@@ -427,11 +427,16 @@ def _groups(num_tokens: int, group_size: int | None) -> tuple[int, int]:
     return num_tokens // m, m
 
 
-def _assignment_load(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[T, E]``: how many of each token's assignments ``index [T, k]`` went to each expert (drops excluded)."""
+def _assignment_load(index: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, E]``: how many of each token's assignments ``index [T, k]`` went to each expert (drops excluded),
+    or with ``weight [T, k]`` the sum of those assignments' weights (a combine matrix).
+
+    A one-hot and a sum, not a scatter-add: ONNX Runtime's CPU provider has no float16 ScatterElements with
+    reduction, and models export this.
+    """
     valid = index >= 0
-    one_hot = F.one_hot(index.clamp_min(0), num_experts) * valid.unsqueeze(-1)  # [T, k, E]
-    return one_hot.sum(1)
+    per_assignment = valid if weight is None else weight * valid  # [T, k]
+    return (F.one_hot(index.clamp_min(0), num_experts) * per_assignment.unsqueeze(-1)).sum(1)  # [T, k, E] -> [T, E]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -533,7 +533,9 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
         if heal_inputs is None:
             raise ConfigError("healing fits the MoE layers to the dense FFNs on calibration data; pass heal_inputs= "
                               "(--calib FILE)")
-    samples = {**(calibration or {}), **{f"heal:{k}": v for k, v in (heal_inputs or {}).items()}}
+    samples = dict(calibration or {})
+    if heal_steps is not None and heal_inputs is not calibration:  # (a calibrated split heals on its calibration)
+        samples.update({f"heal:{k}": v for k, v in heal_inputs.items()})
     if samples or heal_steps is not None:
         digest = hashlib.sha256(plan.fingerprint.encode())
         digest.update(f"heal_steps={heal_steps}".encode())

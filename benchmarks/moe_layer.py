@@ -109,13 +109,17 @@ def mixtral_block(layer: MoELayer) -> nn.Module:
     return block
 
 
+def expert_counts(layer: MoELayer, x: torch.Tensor) -> list[int]:
+    """How many of ``x``'s tokens the layer's router sends to each expert."""
+    with torch.inference_mode():
+        index = layer.router(x.reshape(-1, HIDDEN)).expert_index
+    return torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+
+
 def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
     """The expert GEMMs the layer's kernel runs on ``x`` alone: the same rows per expert, the same GEMM routine
     and, with several threads, the same split of the expert-sorted rows between expert threads."""
-    tokens = x.reshape(-1, HIDDEN)
-    with torch.inference_mode():
-        index = layer.router(tokens).expert_index
-    counts = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    counts = expert_counts(layer, x)
     kept = sum(counts)
     bank = layer.experts
     w1, w3, w2 = (w.detach() for w in (bank.w1, bank.w3, bank.w2))
@@ -146,7 +150,7 @@ def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
     return run
 
 
-def ort_expert_gemms(layer: MoELayer, x: torch.Tensor, path: Path, prepacked: bool):
+def ort_expert_gemms(layer: MoELayer, x: torch.Tensor, path: Path, prepacked: bool, threads: int):
     """The expert GEMMs of ORT's fused MoE node on ``x`` alone, as ORT MatMuls: per expert with tokens, its
     fc1 (gate and up, ``[rows, H] x [H, 2I]``) and fc2 (``[rows, I] x [I, H]``) on that expert's row count.
     ``prepacked``: weights as initializers, which ORT packs once at session start; else as inputs, packed on
@@ -154,11 +158,7 @@ def ort_expert_gemms(layer: MoELayer, x: torch.Tensor, path: Path, prepacked: bo
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from moefx.bench.runners import ort_runner
-
-    with torch.inference_mode():
-        index = layer.router(x.reshape(-1, HIDDEN)).expert_index
-    counts = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    counts = expert_counts(layer, x)
     bank = layer.experts
     nodes, initializers, inputs, outputs, feed = [], [], [], [], {}
     rng = torch.Generator().manual_seed(0)
@@ -182,7 +182,7 @@ def ort_expert_gemms(layer: MoELayer, x: torch.Tensor, path: Path, prepacked: bo
                     helper.make_tensor_value_info(f"z{e}", TensorProto.FLOAT, None)]
     graph = helper.make_graph(nodes, "expert_gemms", inputs, outputs, initializers)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return lambda threads: ort_runner(path, feed, threads)
+    return ort_runner(path, feed, threads)
 
 
 def with_aten_gemms(fn):
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                     candidates[f"ort-{key}"] = ort_runner(file, _feed(file, x), t)
                 if files and n > 1:
                     for key in ("raw", "prepacked"):
-                        runner = ort_expert_gemms(moe, x, Path(tmp) / f"gemms-{key}-{n}.onnx", key == "prepacked")
-                        candidates[f"ort-gemms-{key}"] = runner(t)
+                        path = Path(tmp) / f"gemms-{key}-{n}.onnx"
+                        candidates[f"ort-gemms-{key}"] = ort_expert_gemms(moe, x, path, key == "prepacked", t)
                 start = time.perf_counter()
                 timing = interleaved(candidates, rounds=args.rounds, min_seconds=args.min_seconds)
                 ms = {k: v.p50 * 1e3 for k, v in timing.items()}

@@ -164,6 +164,15 @@ def _new_thread_count() -> int:
     return seen[0]
 
 
+def _kernel_case(tokens=60, k=2):
+    weights = _weights(E=4, H=16, I=24, O=16, gated=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, 16, generator=g)
+    index = torch.randint(0, 4, (tokens, k), generator=g)
+    index[tokens // 2, 1] = -1  # a dropped assignment
+    return x, index, torch.rand(tokens, k, generator=g), weights
+
+
 def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch, two_threads):
     """Without expert threads, with several intra-op threads the kernel runs its small ops on one thread and
     the GEMMs of experts with many rows on all of them, gives the per-token reference, and leaves the thread
@@ -176,26 +185,13 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch, two_
     here, silu = ops._linear_here, ACTIVATIONS["silu"]
     monkeypatch.setattr(ops, "_linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
     monkeypatch.setitem(ACTIVATIONS, "silu", lambda h: (seen["activation"].add(torch.get_num_threads()), silu(h))[1])
-    weights = _weights(E=4, H=16, I=24, O=16, gated=True)
-    x = torch.randn(40, 16)
-    index = torch.randint(0, 4, (40, 2))
-    index[3, 1] = -1  # a dropped assignment
-    weight = torch.rand(40, 2)
+    x, index, weight, weights = _kernel_case(40)
     with torch.no_grad():
         got = ops.moe_ffn_kernel(x, index, weight, *weights, "silu")
     assert torch.get_num_threads() == 2
     assert seen == {"gemm": {2}, "activation": {1}}, seen
     want = _per_token_reference(x, index, weight, *weights, "silu")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-
-
-def _kernel_case(tokens=60, k=2):
-    weights = _weights(E=4, H=16, I=24, O=16, gated=True)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, 16, generator=g)
-    index = torch.randint(0, 4, (tokens, k), generator=g)
-    index[tokens // 2, 1] = -1  # a dropped assignment
-    return x, index, torch.rand(tokens, k, generator=g), weights
 
 
 @pytest.mark.parametrize(("tokens", "k"), [(3, 2), (60, 2), (60, 3)])

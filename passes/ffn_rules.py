@@ -558,6 +558,11 @@ class FFNRule:
                 return fail("the gate and up projections have different shapes")
         if down.in_features != up_weight.shape[0]:
             return fail(f"the down projection takes {down.in_features} features, the up gives {up_weight.shape[0]}")
+        if down.out_features != up_weight.shape[1]:
+            # A Transformer FFN adds its output to its input; a pair that changes the width is a head
+            # (pooler -> classifier) or a projection between two widths.
+            return fail(f"it maps {up_weight.shape[1]} features to {down.out_features}, not back to its input "
+                        "width: a head or a projection, not a residual FFN")
         if not _same_leading_shape(x, down.output):
             return fail("the FFN output does not keep the input's leading dims")
         nodes = list(dict.fromkeys([*[n for site in sites for n in site.nodes], *hidden.nodes,

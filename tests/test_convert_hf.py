@@ -49,6 +49,25 @@ def test_upcycle_reproduces_dense(name):
     assert rel <= 1e-5, f"relative error {rel:.2e}"
 
 
+def test_sequence_classifier_keeps_its_class_and_its_head():
+    """BertForSequenceClassification: the encoder FFNs are converted; the pooler -> classifier pair (which
+    changes the width) is not an FFN, so the model keeps its class, trains and saves like the original."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    dense = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                            intermediate_size=64, vocab_size=96, num_labels=3)).eval()
+    ids = torch.randint(1, 96, (2, 8))
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,))
+    assert type(moe) is type(dense)
+    assert [d["name"] for d in moe.moefx_info.layers] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    moe.train()
+    out = moe(ids, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5", "vit"])
 def test_backward_reaches_every_expert(name):
     dense = tiny_hf_model(name)

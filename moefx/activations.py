@@ -9,10 +9,12 @@ way with two inputs: ``f(gate, up) == act(gate) * up``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["ACTIVATIONS", "apply_activation", "identify_activation", "identify_gated_activation"]
 
@@ -55,35 +57,44 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
     """Name of the canonical activation that ``fn`` computes elementwise, or None."""
-    x = _probe_values().float()
-    try:
-        with torch.no_grad():
-            y = fn(x)
-    except Exception:
+    with _eager():
+        x = _probe_values().float()
+        try:
+            with torch.no_grad():
+                y = fn(x)
+        except Exception:
+            return None
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            return None
+        for name, act in ACTIVATIONS.items():
+            if _close(y, act(x)):
+                return name
         return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return None
-    for name, act in ACTIVATIONS.items():
-        if _close(y, act(x)):
-            return name
-    return None
 
 
 def identify_gated_activation(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[str, bool] | None:
     """For ``fn(a, b)``: ``(name, a_is_gate)`` when ``fn(a, b) == act(gate) * up`` for a canonical act."""
-    a = _probe_values(seed=1).float()
-    b = _probe_values(seed=2).float()
-    try:
-        with torch.no_grad():
-            y = fn(a, b)
-    except Exception:
+    with _eager():
+        a = _probe_values(seed=1).float()
+        b = _probe_values(seed=2).float()
+        try:
+            with torch.no_grad():
+                y = fn(a, b)
+        except Exception:
+            return None
+        if not isinstance(y, torch.Tensor) or y.shape != a.shape:
+            return None
+        for name, act in ACTIVATIONS.items():
+            if _close(y, act(a) * b):
+                return name, True
+            if _close(y, act(b) * a):
+                return name, False
         return None
-    if not isinstance(y, torch.Tensor) or y.shape != a.shape:
-        return None
-    for name, act in ACTIVATIONS.items():
-        if _close(y, act(a) * b):
-            return name, True
-        if _close(y, act(b) * a):
-            return name, False
-    return None
 
+
+@contextlib.contextmanager
+def _eager():
+    """Evaluate the probes on real tensors even inside a trace (a model recaptured while ``torch.export`` runs
+    its parent): fake-tensor and proxy modes would turn them into fake values that ``allclose`` cannot read."""
+    with _disable_current_modes():
+        yield

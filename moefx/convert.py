@@ -372,10 +372,19 @@ def convert(
     for ffn in chosen:
         by_container.setdefault(ffn.container, []).append(ffn)
     layers_info: list[dict[str, Any]] = []
+    rewritten: list[str] = []
     with progress(total=len(chosen), desc="building experts", unit="layer") as bar:
         for container, ffns in sorted(by_container.items(), key=lambda kv: -len(kv[0].split("."))):
+            if any(c != container and _is_inside(c, container) for c in rewritten):
+                kept = _recapture_around_converted(model, container, ffns, warnings)
+                chosen = [f for f in chosen if f not in ffns or f in kept]
+                bar.update(len(ffns) - len(kept))
+                if not kept:
+                    continue
+                ffns = kept
             new_root = _rewrite_container(model, container, ffns, config, index_of, layers_info,
                                           initialize and not calibrated, bar)
+            rewritten.append(container)
             if new_root is not None:
                 model = new_root
     _apply_fixups(model)
@@ -552,6 +561,35 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
     return None
 
 
+def _recapture_around_converted(model: nn.Module, container: str, ffns: list[FoundFFN],
+                                warnings: list[str]) -> list[FoundFFN]:
+    """Capture ``container`` again now that containers inside it hold MoE layers; returns its FFNs matched in
+    the new graph (the others are left dense, with a warning).
+
+    Its first graph was captured before those containers were converted and runs their dense FFNs inline:
+    rewriting it would silently undo their conversion. A symbolic trace keeps converted layers as leaves; a
+    module only ``torch.export`` can capture cannot be captured again around them, so its FFNs stay dense.
+    """
+    attempt = capture_container(model, container, None)
+    matches = {}
+    if attempt.ok:
+        PassManager([FindFFNPass()])(attempt.graph_module)
+        matches = {tuple(m.modules): m for m in attempt.graph_module.meta["moefx.ffn_matches"]}
+    kept = []
+    for ffn in ffns:
+        match = matches.get(tuple(ffn.match.modules))
+        if match is None:
+            warning = (f"{ffn.name or '(root)'}: left dense: only torch.export captures "
+                       f"{type(model.get_submodule(container)).__name__}, and not around the MoE layers now "
+                       "inside it; a conversion that selects this FFN alone converts it")
+            warnings.append(warning)
+            log.warning("moefx: warning: %s", warning)
+            continue
+        ffn.match, ffn.attempt = match, attempt
+        kept.append(ffn)
+    return kept
+
+
 def _relative(name: str, container: str) -> str:
     if not container:
         return name
@@ -618,6 +656,8 @@ def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, con
     a, b = dense[0].float(), moe[0].float()
     if a.shape != b.shape:
         return {"compared": False}
+    if a.is_meta or b.is_meta:  # shapes only: nothing to compare
+        return {"compared": False, "reason": "meta tensors (shapes checked)"}
     max_abs = float((a - b).abs().max())
     rel = max_abs / max(float(a.abs().max()), 1e-12)
     dropless = config.capacity_factor is None

@@ -232,20 +232,23 @@ def _prime_captured_containers(model: nn.Module, args: tuple, kwargs: dict) -> N
     if not is_hf_model(model) or not any(isinstance(m, CapturedModule) for m in model.modules()):
         return
     try:
-        params = inspect.signature(model.forward).parameters
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*args, **kwargs)  # positional inputs by their names too
     except (TypeError, ValueError):
         return
+    params, named = signature.parameters, bound.arguments
     padded = {}
     for ids_name, mask_name in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
-        ids, mask = kwargs.get(ids_name), kwargs.get(mask_name)
+        ids, mask = named.get(ids_name), named.get(mask_name)
         if mask_name not in params or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
             continue
         mask = torch.ones_like(ids) if mask is None else mask.clone()
         mask[0, -1] = 0
         padded[mask_name] = mask
     if padded:
+        named.update(padded)
         try:
-            model(*args, **{**kwargs, **padded})
+            model(*bound.args, **bound.kwargs)
         except Exception as exc:  # only a warm-up: the export reports what goes wrong
             logging.getLogger("moefx").debug("priming captured containers failed: %s", exc)
 

@@ -142,8 +142,8 @@ def _unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """True when nothing observes ops on ``x`` and ``others``: ``x`` a plain tensor, and no autograd, tracer,
     export, compile or dispatch mode (FLOP counters). Eager inference may then take shortcuts that graphs
     must not hold."""
-    if type(x) is not torch.Tensor:  # FX proxies, fake and functional tensors, tensor subclasses
-        return False
+    if type(x) is not torch.Tensor or x.is_meta:  # FX proxies, fake and functional tensors, tensor subclasses;
+        return False  # meta tensors take the ops' shape-only implementations
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         return False
     return not _tracing() and _python_dispatch._get_current_dispatch_mode() is None
@@ -159,11 +159,18 @@ def _gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not (gate._forward_hooks or gate._forward_pre_hooks)
         and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
         and all(p is None or type(p.data) is torch.Tensor for p in (gate.weight, gate.bias))
-        and not torch.is_autocast_enabled(x.device.type)
+        and not _autocast_enabled(x.device.type)
         and _unobserved(x, gate.weight, gate.bias)
     ):
         return ops._linear_here(x, gate.weight, gate.bias)
     return gate(x)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 class Router(nn.Module):
@@ -278,7 +285,9 @@ class Router(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         probs = log_probs.exp()  # [T, E]
         if self.load_balance_weight > 0 and first_choice is not None:
-            fraction = torch.bincount(first_choice, minlength=self.num_experts).float() / max(len(first_choice), 1)
+            # (a scatter-add rather than bincount: it also runs on meta tensors, and compiles without a graph break)
+            counts = probs.new_zeros(self.num_experts).index_add_(0, first_choice, probs.new_ones(len(first_choice)))
+            fraction = counts / max(len(first_choice), 1)
             aux["load_balance"] = self.load_balance_weight * self.num_experts * (fraction * probs.mean(0)).sum()
         if self.z_loss_weight > 0:
             aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()

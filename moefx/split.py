@@ -171,6 +171,10 @@ def plan_split(match: FFNMatch, config: MoEConfig, generator: torch.Generator,
     expert_size, shared_size = split_sizes(match, config)
     hidden = match.hidden_features
     partition = partition_used(config, calibrated=inputs is not None)
+    if match.up_weight.is_meta:
+        raise ConfigError(
+            "init='split' builds its experts and router from the dense weights' values, which a model on the meta "
+            "device does not have: load the weights first (--stream converts checkpoints larger than memory)")
     contrib = None
     if inputs is not None:
         contrib = hidden_activations(match, inputs).abs() * _down_norms(match)  # [N, I]

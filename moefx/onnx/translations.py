@@ -140,13 +140,18 @@ class ExpertWeights:
 # -- activations in standard ONNX ops -------------------------------------------------------------------
 
 
+def _c(value: float, like: ir.Value) -> ir.Value:
+    """The constant ``value`` in ``like``'s dtype (a bare Python float would be a float32 constant)."""
+    return op.CastLike(op.Constant(value_float=value), like)
+
+
 def _gelu(x: ir.Value) -> ir.Value:
-    return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, math.sqrt(0.5))), 1.0))
+    return op.Mul(op.Mul(x, _c(0.5, x)), op.Add(op.Erf(op.Mul(x, _c(math.sqrt(0.5), x))), _c(1.0, x)))
 
 
 def _gelu_tanh(x: ir.Value) -> ir.Value:
-    inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), math.sqrt(2.0 / math.pi))
-    return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+    inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), _c(0.044715, x))), _c(math.sqrt(2.0 / math.pi), x))
+    return op.Mul(op.Mul(x, _c(0.5, x)), op.Add(op.Tanh(inner), _c(1.0, x)))
 
 
 def _relu2(x: ir.Value) -> ir.Value:
@@ -160,7 +165,7 @@ ONNX_ACTIVATIONS: dict[str, Callable[[ir.Value], ir.Value]] = {
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
     "silu": lambda x: op.Mul(x, op.Sigmoid(x)),
-    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
+    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, _c(1.702, x)))),
     "relu2": _relu2,
     "tanh": op.Tanh,
     "sigmoid": op.Sigmoid,
@@ -430,10 +435,21 @@ def assigned_combine(expert_index: ir.Value, combine_weight: ir.Value, num_exper
     """A given assignment (``expert_index [T, k]``, ``-1`` = dropped) as a dense combine matrix ``[T, E]``."""
     kept = op.GreaterOrEqual(expert_index, op.Constant(value_int=0))  # [T, k]
     index = op.Where(kept, expert_index, op.Constant(value_int=0))
-    weight = op.Where(kept, combine_weight, op.CastLike(op.Constant(value_float=0.0), combine_weight))
+    weight = _accumulated(combine_weight)
+    weight = op.Where(kept, weight, op.CastLike(op.Constant(value_float=0.0), weight))
     shape = op.Concat(op.Shape(expert_index, start=0, end=1), op.Constant(value_ints=[num_experts]), axis=0)
-    zeros = op.CastLike(op.ConstantOfShape(shape), combine_weight)
+    zeros = op.CastLike(op.ConstantOfShape(shape), weight)
     return op.ScatterElements(zeros, index, weight, axis=1, reduction="add")  # dropped slots add 0
+
+
+#: Dtypes ONNX Runtime's CPU ScatterND and ScatterElements cannot add in: they accumulate in float32.
+_HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _accumulated(value: ir.Value, dtype: ir.DataType | None = None) -> ir.Value:
+    """``value`` (of ``dtype``, if its own is not known yet) in the dtype a ScatterND/ScatterElements ``add``
+    accumulates it in: float32 for 16-bit floats."""
+    return op.Cast(value, to=ir.DataType.FLOAT) if (dtype or value.dtype) in _HALF_TYPES else value
 
 
 def _project(x: ir.Value, weight: ir.Value, bias: ir.Value | None) -> ir.Value:
@@ -495,7 +511,8 @@ def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights, num_e
     """
     combine = op.CastLike(combine, x)  # [T, E]
     shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(experts.w2, start=1, end=2), axis=0)
-    out = op.CastLike(op.ConstantOfShape(shape), x)  # [T, O]
+    half = x.dtype in _HALF_TYPES  # then the output accumulates in float32 (see _accumulated)
+    out = op.ConstantOfShape(shape) if half else op.CastLike(op.ConstantOfShape(shape), x)  # [T, O]
     for e in range(experts.num_experts if num_experts is None else num_experts):
         weight = op.Gather(combine, op.Constant(value_int=e), axis=1)  # [T]
         # NonZero of a bool mask: ORT's CPU provider has NonZero for bool, not for float64.
@@ -504,8 +521,8 @@ def gather_experts(x: ir.Value, combine: ir.Value, experts: ExpertWeights, num_e
         index = op.Reshape(rows, op.Constant(value_ints=[-1]))  # [n_e]
         y = expert_ffn(op.Gather(x, index, axis=0), experts, e)  # [n_e, O]
         y = op.Mul(y, op.Unsqueeze(op.Gather(weight, index, axis=0), [1]))
-        out = op.ScatterND(out, rows, y, reduction="add")
-    return out
+        out = op.ScatterND(out, rows, _accumulated(y, x.dtype), reduction="add")
+    return op.CastLike(out, x) if half else out
 
 
 def _gathered(x: ir.Value, combine: ir.Value, experts: ExpertWeights) -> tuple[ir.Value, Lowering]:
@@ -561,6 +578,7 @@ def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Funct
         index, weight = values["expert_index"], values["combine_weight"]
         kept = op.GreaterOrEqual(index, op.CastLike(op.Constant(value_int=0), index))  # [T, k]
         safe_index = op.Where(kept, index, op.CastLike(op.Constant(value_int=0), index))
+        weight = _accumulated(weight)
         weight = op.Where(kept, weight, op.CastLike(op.Constant(value_float=0.0), weight))
         shape = op.Concat(op.Shape(index, start=0, end=1), op.Shape(experts.w1, start=0, end=1), axis=0)
         zeros = op.CastLike(op.ConstantOfShape(shape), weight)

@@ -276,6 +276,26 @@ def test_lora_layers_match_torch(tmp_path, name):
     assert error <= 1e-4, f"{name}/lora: max abs error {error:.2e}"
 
 
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), QuickGELU(), nn.SiLU()],
+                         ids=["gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("init", ["upcycle", "split"])
+def test_float16_standard_op_exports_run_in_onnx_runtime(tmp_path, act, init):
+    """Half-precision models exported unfused (the moefx function / gathered top-k) and with gathered experts:
+    activation constants in float16, and the ScatterND/ScatterElements additions (which ORT's CPU provider
+    has no float16 kernel for) accumulated in float32; ORT matches torch."""
+    model = toy_model(lambda: MLP(d=32, h=64, act=act), d=32)
+    x = torch.randn(2, 5, 32)
+    moe = moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=2, init=init), example_inputs=(x,)).half()
+    xh = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(1)).half()
+    with torch.no_grad():
+        want = moe(xh).float()
+    for name, options in (("unfused", {"fused": False}), ("gather", {"gather_experts": True})):
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(moe, (x.half(),), path, **options)
+        got = torch.from_numpy(session(path).run(None, {"x": xh.numpy()})[0]).float()
+        assert (got - want).abs().max() <= 1e-2 * max(1.0, float(want.abs().max())), name
+
+
 def test_float16_lora_layers_run_in_onnx_runtime(tmp_path):
     """A half-precision LoRA model exports to ops ORT's CPU provider runs in float16 (its gate matrix is a
     one-hot sum: ORT has no float16 ScatterElements with reduction) and matches torch."""
@@ -308,6 +328,17 @@ def test_exact_keeps_exact_gelu_layers_unfused(converted_hf, tmp_path):
     assert [i.name for i in session(tmp_path / "exact.onnx").get_inputs()] == ["input_ids", "attention_mask"]
     assert ort_vs_torch(tmp_path / "exact.onnx", model, hf_inputs("bert", 3, 5, seed=2, padded=True)) <= 1e-4
     assert ort_vs_torch(tmp_path / "approx.onnx", model, hf_inputs("bert", 3, 5, seed=2, padded=True)) <= 1e-3
+
+
+def test_hf_model_converted_and_exported_with_positional_inputs(tmp_path):
+    """BERT converted from positional ids, exported with the recorded inputs and with positional ones: its
+    captured layers are primed with a padded mask either way (as with keyword inputs)."""
+    ids = hf_inputs("bert", 2, 8, seed=0)["input_ids"]
+    model = moefx.convert(tiny_hf_model("bert"), moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,))
+    for name, inputs in (("recorded", None), ("positional", (ids,)), ("with-mask", (ids, torch.ones_like(ids)))):
+        export_onnx(model, inputs, tmp_path / f"{name}.onnx")
+        check = hf_inputs("bert", 3, 5, seed=2, padded=name == "with-mask")
+        assert ort_vs_torch(tmp_path / f"{name}.onnx", model, check) <= 1e-3
 
 
 @pytest.mark.slow

@@ -135,6 +135,106 @@ def test_unknown_activation_is_a_near_miss():
     assert any("activation" in m.reason and "not one moefx knows" in m.reason for m in analysis.near_misses)
 
 
+class _Head(nn.Module):
+    """A pooler -> classifier pair: Linear-tanh-Linear, but it changes the width (16 -> 3)."""
+
+    def __init__(self, d=16, labels=3):
+        super().__init__()
+        self.dense = nn.Linear(d, d)
+        self.out = nn.Linear(d, labels)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.dense(x[:, 0])))
+
+
+def test_a_head_that_changes_the_width_is_a_near_miss_not_an_ffn():
+    model = nn.Sequential(Stack([Block(MLP())]), _Head()).eval()
+    analysis = moefx.analyze(model, (torch.randn(2, 5, 16),))
+    assert [f.name for f in analysis.ffns] == ["0.blocks.0.ffn"]
+    reasons = [m.reason for m in analysis.near_misses if m.where.startswith("1")]
+    assert any("maps 16 features to 3" in r and "head" in r for r in reasons), analysis.near_misses
+
+
+class _OuterFFN(nn.Module):
+    """FFN blocks, then an FFN of the model itself around them; ``traceable=False``: only torch.export
+    captures it (a Python float of a tensor size)."""
+
+    def __init__(self, traceable: bool, d=16):
+        super().__init__()
+        self.stack = Stack([Block(MLP()), Block(GatedMLP())])
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.traceable = traceable
+
+    def forward(self, x):
+        x = self.stack(x)
+        scale = 1.0 if self.traceable else float(x.shape[0]) / x.shape[0]
+        return x + scale * self.down(F.gelu(self.up(x)))
+
+
+def test_an_ffn_around_converted_blocks_keeps_their_conversion():
+    """The outer FFN's module was captured before the blocks inside it were converted: it is captured again
+    around their MoE layers, so all three are converted (not the blocks silently undone)."""
+    model = _OuterFFN(traceable=True).eval()
+    x = torch.randn(2, 5, 16)
+    moe = moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=4), example_inputs=(x,))
+    names = [n for n, _ in moefx.moe_layers(moe)]
+    assert names == ["stack.blocks.0.ffn", "stack.blocks.1.ffn", "moe"], names
+    assert [d["name"] for d in moe.moefx_info.layers] == ["stack.blocks.0.ffn", "stack.blocks.1.ffn", ""]
+    assert moe.moefx_info.warnings == []
+    torch.testing.assert_close(moe(x), model(x), rtol=1e-5, atol=1e-5)
+    calls = []
+    for _, layer in moefx.moe_layers(moe):
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    moe(x)
+    assert len(calls) == 3  # every converted layer runs
+
+
+def test_an_ffn_only_torch_export_captures_around_converted_blocks_stays_dense_with_a_warning():
+    model = _OuterFFN(traceable=False).eval()
+    x = torch.randn(2, 5, 16)
+    moe = moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=4), example_inputs=(x,))
+    assert [d["name"] for d in moe.moefx_info.layers] == ["stack.blocks.0.ffn", "stack.blocks.1.ffn"]
+    assert len(moefx.moe_layers(moe)) == 2
+    (warning,) = moe.moefx_info.warnings
+    assert warning.startswith("(root): left dense") and "_OuterFFN" in warning
+    torch.testing.assert_close(moe(x), model(x), rtol=1e-5, atol=1e-5)
+    alone = moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=4, exclude="stack"), example_inputs=(x,))
+    assert [d["name"] for d in alone.moefx_info.layers] == [""]
+    torch.testing.assert_close(alone(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_probes_run_on_real_tensors_inside_a_trace():
+    """A module recaptured while torch.export traces its parent names its activation from real probe
+    values, not the fake tensors of the trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moefx.activations import identify_activation, identify_gated_activation
+
+    with FakeTensorMode():
+        assert identify_activation(F.gelu) == "gelu"
+        assert identify_gated_activation(lambda a, b: F.silu(a) * b) == ("silu", True)
+
+
+@pytest.mark.parametrize("init", ["upcycle", "random", "lora"])
+def test_a_model_on_the_meta_device_converts_and_runs_shape_only(init):
+    """Meta tensors have shapes and no values: conversion, eval and train forwards (with the load-balancing
+    loss) give meta outputs of the right shape; init='split', which needs the values, says so."""
+    with torch.device("meta"):
+        model = Stack([Block(MLP()), Block(GatedMLP())])
+    x = torch.randn(2, 5, 16, device="meta")
+    config = moefx.MoEConfig(num_experts=4, top_k=2, init=init, load_balance_weight=0.01)
+    moe = moefx.convert(model, config, example_inputs=(x,))
+    assert len(moefx.moe_layers(moe)) == 2
+    assert moe.moefx_info.verification == {"compared": False, "reason": "meta tensors (shapes checked)"}
+    for mode in (moe.eval, moe.train):
+        mode()
+        y = moe(x)
+        assert y.is_meta and y.shape == x.shape
+    assert moefx.aux_loss(moe).is_meta
+    with pytest.raises(moefx.errors.ConfigError, match="meta device"):
+        moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=2, init="split"), example_inputs=(x,))
+
+
 def test_layer_selection_every_last_regex():
     model = Stack([Block(MLP()) for _ in range(6)]).eval()
     x = (torch.randn(2, 3, 16),)

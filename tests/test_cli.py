@@ -148,6 +148,29 @@ def test_existing_output_needs_force_and_is_left_untouched(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
 
 
+def test_an_output_that_is_or_holds_the_input_is_refused_even_with_force(hf_dir, tmp_path, capsys):
+    """``--force`` replaces OUT; when OUT is the model (or its directory holds it), that would delete the input."""
+    import shutil
+
+    sandbox = tmp_path / "sandbox"
+    model = sandbox / "model"
+    shutil.copytree(hf_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (sandbox, model):
+        assert main(["convert", str(model), "-o", str(out), "--force"]) == 2
+        assert "the input" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
+    converted = tmp_path / "moe"
+    assert main(["convert", str(model), "-o", str(converted)]) == 0
+    capsys.readouterr()
+    for command in (["partition", str(converted), "--devices", "2", "-o", str(converted)],
+                    ["heal", str(converted), "--calib", str(tmp_path / "c.txt"), "-o", str(tmp_path)],
+                    ["export", str(converted), "-o", str(converted)]):
+        assert main([*command, "--force"]) == 2, command
+        assert "the input" in capsys.readouterr().err
+    assert (converted / "recipe.json").exists()
+
+
 def test_failed_conversion_leaves_existing_output_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

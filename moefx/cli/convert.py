@@ -187,6 +187,19 @@ def check_output_parent(out: Path) -> None:
         raise MoefxError(f"{out}: cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
 
 
+def check_not_an_input(out: Path, *inputs: Path | str | None) -> None:
+    """Refuse an output path that is one of the inputs or holds one: replacing it (``--force``) would delete
+    the input before, or instead of, reading it."""
+    target = Path(out).resolve()
+    for source in inputs:
+        if source is None or str(source) == "" or (":" in str(source) and not Path(source).exists()):
+            continue  # none, or a package.module:factory
+        path = Path(source).resolve()
+        if target == path or target in path.parents:
+            what = "is" if target == path else "holds"
+            raise MoefxError(f"{out}: {what} the input {source}; write the output somewhere else")
+
+
 def run(args: argparse.Namespace) -> int:
     import moefx
     from moefx.io import load_source
@@ -196,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or default_output(args.model)
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+    check_not_an_input(out, args.model, args.calib)
     check_output_parent(out)
     if args.heal and args.calib is None:
         raise ConfigError("--heal fits the MoE layers to the dense FFNs on calibration data; pass --calib FILE")

@@ -9,7 +9,7 @@ from pathlib import Path
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
-from .convert import check_output_parent
+from .convert import check_not_an_input, check_output_parent
 
 __all__ = ["add_parser", "load_converted", "run"]
 
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} only changes fused export; drop it or drop {other}")
     if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
+    check_not_an_input(args.output, args.model)
     if not args.output.is_dir():  # a directory is named as such by export_onnx
         check_output_parent(args.output)
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)

@@ -52,12 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from moefx.io import load_source
     from moefx.report import format_table
 
-    from .convert import check_output_parent
+    from .convert import check_not_an_input, check_output_parent
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
-    if args.output.resolve() == args.out.resolve():
-        raise MoefxError(f"{args.output}: is the input directory; write the healed model somewhere else")
+    check_not_an_input(args.output, args.out, args.dense, args.calib)
     if not args.calib.is_file():
         raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
     if args.calib_tokens < 1:

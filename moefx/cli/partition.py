@@ -10,7 +10,7 @@ from pathlib import Path
 from moefx.errors import MoefxError, OutputExistsError
 
 from . import add_common_flags
-from .convert import check_output_parent
+from .convert import check_not_an_input, check_output_parent
 
 __all__ = ["add_parser", "parse_bytes", "run"]
 
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
+    check_not_an_input(args.output, args.model, args.calib)
     check_output_parent(args.output)
     if args.no_replication and args.replicas not in (None, 0):
         raise MoefxError("--no-replication and --replicas contradict each other; pass one")

@@ -34,6 +34,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS
 from .errors import CalibrationError
+from .io import set_mode
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
 
@@ -477,7 +478,7 @@ def record_ffns(
     recorders = {name: DenseFFN(match, max_tokens, gen) for name, (match, gen) in targets.items()}
     originals = {name: swap_module(model, name, rec) for name, rec in recorders.items()}
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     batch_count = 0
     try:
         with progress(total=getattr(batches, "size", None), desc=desc, unit="batch") as bar:
@@ -498,7 +499,7 @@ def record_ffns(
     finally:
         for name, module in originals.items():
             swap_module(model, name, module)
-        model.train(was_training)
+        set_mode(model, was_training)
     if batch_count == 0:
         raise CalibrationError("the calibration data holds no batches; give at least one example")
     return {name: rec.sample for name, rec in recorders.items()}

@@ -281,6 +281,14 @@ def _load_factory(spec: str) -> ModelSource:
     return ModelSource("factory", spec, result, inputs)
 
 
+def set_mode(module: nn.Module, training: bool) -> nn.Module:
+    """``module.train(training)`` where the module can switch; a loaded ``torch.export`` program cannot (its
+    train/eval mode is baked into its graph, and ``train``/``eval`` raise): it is left as it is."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+    return module
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:300]
@@ -611,8 +619,7 @@ def load(out: str | os.PathLike, *, model: nn.Module | None = None, trust_remote
     if lazy:
         _materialize_buffers(converted, buffers, out)
     converted.moefx_info.source = dict(recipe["source"])
-    with contextlib.suppress(NotImplementedError):  # a torch.export program: its mode is baked into the graph
-        converted.eval()
+    set_mode(converted, False)
     return converted
 
 

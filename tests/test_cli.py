@@ -82,6 +82,25 @@ def test_convert_factory_and_pt2_sources(tmp_path, capsys):
     torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_converted_from_a_program_exports_partitions_and_benches(tmp_path, capsys):
+    """A loaded torch.export program cannot switch train/eval (its mode is in its graph): the later commands
+    leave its mode alone instead of failing; shapes it was not exported for are one clear error."""
+    model, inputs = __import__("toy_models").stack_of_mlps()
+    program = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, inputs), program)  # fixed shapes
+    out = tmp_path / "moe"
+    assert main(["convert", str(program), "-o", str(out), "--experts", "2"]) == 0
+    batch, seq = inputs[0].shape[:2]
+    assert main(["export", str(out), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert main(["partition", str(out), "--devices", "2", "-o", str(tmp_path / "plan"), "--no-png"]) == 0
+    assert main(["bench", str(out), "--batch", str(batch), "--seq", str(seq), "--runtimes", "torch",
+                 "--min-seconds", "0.05", "--no-ffn"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(out), "--batch", str(batch + 1), "--seq", str(seq), "--runtimes", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert f"does not run on batch {batch + 1}" in err and len(err.strip().splitlines()) == 1
+
+
 def test_pickle_is_refused_without_opt_in_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import MoefxError
+from ..io import set_mode
 
 __all__ = [
     "export_dense_onnx",
@@ -197,7 +198,7 @@ def export_dense_onnx(model: nn.Module, args: tuple, kwargs: dict, path: str | P
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     names = _leaf_names(model, args, kwargs)
     dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
-    shim = _FlatCall(model, leaves, spec).eval()
+    shim = set_mode(_FlatCall(model, leaves, spec), False)
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir",
                                             "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in quiet]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError, MoefxError
+from ..io import _first_line
 from ..progress import progress
 from .counting import count_onnx, count_torch
 from .report import BenchReport, Measurement, Speedup
@@ -135,12 +136,12 @@ def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -
 def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
                      trust_remote_code, seed) -> BenchReport:
     import moefx
-    from moefx.io import read_recipe, rebuild_source
+    from moefx.io import read_recipe, rebuild_source, set_mode
     from moefx.layers import MoELayer
 
     recipe = read_recipe(path)
-    moe = moefx.load(path, trust_remote_code=trust_remote_code).eval()
-    dense = rebuild_source(path, recipe["source"], trust_remote_code).eval()
+    moe = set_mode(moefx.load(path, trust_remote_code=trust_remote_code), False)
+    dense = set_mode(rebuild_source(path, recipe["source"], trust_remote_code), False)
     example = getattr(getattr(moe, "moefx_info", None), "inputs", None)
     report = BenchReport(str(path))
     use_ort = any(r.startswith("ort") for r in runtimes)
@@ -160,10 +161,14 @@ def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seco
             report.notes.append(f"FFN alone not measured: the dense FFN {first['name']!r} is not a module that "
                                 "maps [batch, seq, hidden] to [batch, seq, hidden]")
 
-    # Costs at batch 1 and each sequence length (FLOPs per token depend on the length through attention).
+    for s in seqs:
+        for b in batches:
+            _check_runs(path, dense, example, b, s, seed)
+    # Costs at the first batch size and each sequence length (FLOPs per token depend on the length through
+    # attention, not on the batch).
     ideal: dict[tuple[str, int], float] = {}
     for s in seqs:
-        args, kwargs = synthesize_inputs(dense, example, 1, s, seed=seed)
+        args, kwargs = synthesize_inputs(dense, example, batches[0], s, seed=seed)
         dense_cost = count_torch(dense, args, kwargs, ffn_modules=[d["name"] for d in recipe["layers"]])
         moe_cost = count_torch(moe, args, kwargs)
         ideal[("model", s)] = dense_cost.flops_per_token / moe_cost.flops_per_token
@@ -224,6 +229,20 @@ def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seco
     report.notes.append("peak MB: resident-set growth while the runtime is set up at this size and runs once "
                         "(ORT: session with its weights; torch: activations only, weights were loaded before)")
     return report
+
+
+def _check_runs(path: Path, model: nn.Module, example: Any, batch: int, seq: int, seed: int) -> None:
+    """Fail in one line, before any timing, if the model does not run on inputs of this size."""
+    args, kwargs = synthesize_inputs(model, example, batch, seq, seed=seed)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except MoefxError:
+        raise
+    except Exception as exc:
+        raise MoefxError(f"{path}: the model does not run on batch {batch}, sequence {seq} ({_first_line(exc)}); "
+                         "a model exported with fixed shapes (torch.export without dynamic shapes) runs only "
+                         "those: pass them with --batch and --seq") from None
 
 
 def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:

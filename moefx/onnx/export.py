@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
-from ..io import _first_line, atomic_write_text, staging_dir
+from ..io import _first_line, atomic_write_text, set_mode, staging_dir
 from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
@@ -381,7 +381,7 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
     if opset is not None:
         export_kwargs["opset_version"] = opset
     try:
-        shim = (_FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec).eval()
+        shim = set_mode((_FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec), False)
         # Fused: split layers (unit-weight top-k, shared expert, bias) become one moefx::unit_topk_moe call.
         with _quiet_torch_onnx(), (export_forwards(model) if options.fused else contextlib.nullcontext()):
             program = torch.onnx.export(
@@ -485,11 +485,11 @@ def _quiet_torch_onnx() -> Iterator[None]:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     try:
         yield
     finally:
-        model.train(was_training)
+        set_mode(model, was_training)
 
 
 # -- after export: functions, fold, attribute nodes to layers, count ------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefx.io import atomic_output_dir, read_json_file
+from moefx.io import atomic_output_dir, read_json_file, set_mode
 
 from .errors import PlanMismatchError, ShardError
 from .planner import Plan, model_fingerprint
@@ -194,8 +194,7 @@ def load_rank_model(out: str | os.PathLike, rank: int, world_size: int, *, group
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ShardError(f"{path}: does not fit the model ({_first_line(exc)}); run moefx partition again") from None
-    model.eval()
-    return model
+    return set_mode(model, False)
 
 
 def _first_line(exc: BaseException) -> str:

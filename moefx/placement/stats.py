@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from moefx.errors import MoefxError
-from moefx.io import _first_line
+from moefx.io import _first_line, set_mode
 
 __all__ = ["LoadStats", "calibration_batches", "record_stats", "synthetic_stats"]
 
@@ -175,7 +175,7 @@ def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> Loa
 
     handles = [layer.router.register_forward_hook(hook_for(i)) for i, (_, layer) in enumerate(layers)]
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     try:
         with torch.no_grad():
             any_batch = False
@@ -189,7 +189,7 @@ def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> Loa
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        set_mode(model, was_training)
     per_expert, shared = model_bytes(model)
     return LoadStats(
         layer_names=names, loads=loads, coselect=coselect, transitions=transitions, tokens=tokens,

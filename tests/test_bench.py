@@ -76,6 +76,24 @@ def test_topk_moe_flops_and_active_params():
     assert (info["tokens"], info["assignments"], info["experts_per_token"]) == (10, 20, 2.0)
 
 
+def test_counting_a_model_whose_captured_layers_meet_a_new_input_structure():
+    """A converted BERT's layers are captured with torch.export; counting it on an input structure they have
+    not seen (no attention mask) counts the model's own ops once, not the tracing of a new capture: every MoE
+    layer's tokens and top-2 assignments, and the same FLOPs as a second count."""
+    from conftest import tiny_hf_model
+
+    ids = torch.randint(1, 96, (2, 8))
+    moe = moefx.convert(tiny_hf_model("bert"), moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    first = count_torch(moe, (), inputs)
+    assert [(layer["tokens"], layer["assignments"]) for layer in first.moe_layers] == [(16, 32), (16, 32)]
+    again = count_torch(moe, (), inputs)
+    assert first.flops_per_token == again.flops_per_token
+    json.dumps(first.to_dict())
+
+
 def test_capacity_drops_are_not_counted():
     layer = _moe_layer(capacity_factor=0.5)
     x = torch.randn(3, 8, H)

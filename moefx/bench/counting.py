@@ -110,6 +110,10 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
         torch.ops.moefx.topk_moe: dispatch_formula(2, lambda a: a[0].shape[0] * int(a[8])),
         torch.ops.moefx.moe_ffn: dispatch_formula(3, lambda a: int((a[1] >= 0).sum())),
     }
+    # One pass first, uncounted: a captured container (CapturedModule) that meets a new input structure captures
+    # it with torch.export, whose traced ops the counter would count, and record symbolic sizes, as well.
+    with torch.no_grad():
+        model(*args, **kwargs)
     handles = []
     for name, module in layers:
         handles.append(module.register_forward_pre_hook(pre_hook(name)))

@@ -7,6 +7,7 @@ it, and ``recipe.json`` stores its :meth:`MoEConfig.to_dict` so that ``moefx.loa
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,9 +143,10 @@ class MoEConfig:
         if self.capacity_factor is not None:
             if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)):
                 raise ConfigError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
-            if not self.capacity_factor > 0:
+            if not 0 < self.capacity_factor < math.inf:
                 raise ConfigError(
-                    f"capacity_factor must be positive (or None for dropless), got {self.capacity_factor}"
+                    f"capacity_factor must be a positive finite number, got {self.capacity_factor} (leave it out "
+                    "for dropless routing)"
                 )
         if self.init not in EXPERT_INITS:
             raise ConfigError(f"unknown init {self.init!r}: choose one of {', '.join(sorted(EXPERT_INITS))}")

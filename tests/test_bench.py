@@ -258,6 +258,7 @@ def test_cli_writes_table_json_and_plot(converted_dir, tmp_path):
     (["OUT", "--seq", ""], "--seq"),
     (["OUT", "--runtimes", "tensorrt"], "tensorrt"),
     (["BAD.onnx"], "not a readable ONNX model"),
+    (["OUT", "--plot", "latency.txt"], "--plot latency.txt: name a .png"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle, converted_dir, tmp_path):
     bad = tmp_path / "bad.onnx"

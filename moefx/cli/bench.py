@@ -21,6 +21,10 @@ _EXAMPLES = """examples:
 """
 
 
+#: File types ``--plot`` can write (matplotlib's, by extension).
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def parse_int_list(flag: str, text: str) -> list[int]:
     """``"1,8,32"`` -> ``[1, 8, 32]``; anything but positive integers is a ConfigError naming the flag."""
     values = []
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.json, args.plot):
         if path is not None:
             check_output_parent(path)  # before minutes of timing
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     if not args.min_seconds > 0:
         raise ConfigError(f"--min-seconds {args.min_seconds}: give a positive number of seconds")
     report = run_bench(args.model, batches=batches, seqs=seqs, threads=threads, runtimes=runtimes,

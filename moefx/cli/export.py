@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.onnx", help="the ONNX file to write")
     parser.add_argument("--force", action="store_true", help="replace FILE.onnx if it exists")
     parser.add_argument("--unfused", action="store_true",
-                        help="standard ONNX ops only (no com.microsoft domain): every expert runs on every token")
+                        help="standard ONNX ops only (no com.microsoft domain): each expert on the tokens routed to it")
     parser.add_argument("--exact", action="store_true",
                         help="keep layers unfused where the fused kernel approximates them (exact GELU)")
     parser.add_argument("--fuse-assigned", action="store_true",
@@ -78,6 +78,9 @@ def load_converted(spec: str, *, trust_remote_code: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    from moefx.onnx.export import check_opset
+
+    check_opset(args.opset)  # before loading the model
     if (args.unfused or args.gather_experts) and (args.exact or args.fuse_assigned):
         flag = "--exact" if args.exact else "--fuse-assigned"
         other = "--unfused" if args.unfused else "--gather-experts"

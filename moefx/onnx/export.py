@@ -66,6 +66,20 @@ class OnnxExportError(MoefxError):
     exit_code = 1
 
 
+#: The newest standard-op opset export_onnx accepts: from 26 on, torch.onnx emits opset-23 ``Attention`` nodes
+#: that onnx's checker rejects under the newer domain version.
+MAX_OPSET = 25
+
+
+def check_opset(opset: int | None) -> None:
+    """A one-line error for an opset export_onnx cannot write (None: torch's default)."""
+    if opset is not None and opset < 18:
+        raise MoefxError(f"opset {opset} is too old: torch.onnx exports opset 18 or newer; pass --opset 18 or above")
+    if opset is not None and opset > MAX_OPSET:
+        raise MoefxError(f"opset {opset} is newer than {MAX_OPSET}, the newest torch.onnx's translations export "
+                         f"correctly (newer ones fail onnx's checker); pass --opset {MAX_OPSET} or below")
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Any = None,
@@ -126,8 +140,7 @@ def export_onnx(
             f"{type(model).__name__} has no MoE layers: convert it first with moefx.convert (or `moefx convert`), "
             "then export the converted model"
         )
-    if opset is not None and opset < 18:
-        raise MoefxError(f"opset {opset} is too old: torch.onnx exports opset 18 or newer; pass --opset 18 or above")
+    check_opset(opset)
     options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned, gather_experts=gather_experts)
     path = Path(path)
     if report_path is not None and not Path(report_path).parent.is_dir():

@@ -362,7 +362,17 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         raise MoefxError(f"{out}: the parent directory {parent} does not exist; create it first")
     with staging_dir(out) as tmp:
         yield tmp
+        for item in [tmp, *tmp.rglob("*")]:
+            _default_mode(item, directory=item.is_dir())
         _move_into_place(tmp, out)
+
+
+def _default_mode(path: Path | str, *, directory: bool) -> None:
+    """Give a staged directory or file the permissions ``mkdir``/``open`` would have (the umask applied):
+    ``mkdtemp`` and ``mkstemp`` (and safetensors' writer) make them private to the user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -396,6 +406,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, what: str = "the fi
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _default_mode(tmp, directory=False)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -87,3 +87,25 @@ def test_python_api_errors_are_moefx_errors_with_one_line():
         with pytest.raises(moefx.MoefxError) as info:
             case()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """Staged in private temporary directories and files, outputs are published with the modes ``mkdir`` and
+    ``open`` would give them, not the owner-only ones of ``mkdtemp``/``mkstemp`` (other users of a shared
+    machine could not read a converted model)."""
+    import os
+
+    from moefx.io import atomic_write_text
+
+    x = torch.randn(2, 4, 16)
+    moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=3, top_k=2), example_inputs=(x,))
+    old = os.umask(umask)
+    try:
+        moefx.save(moe, tmp_path / "out")
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    files = [*(tmp_path / "out").iterdir(), tmp_path / "report.json"]
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}

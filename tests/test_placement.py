@@ -38,13 +38,30 @@ def _check_slots(plan: Plan, replicas: int) -> None:
     for layer in range(len(plan.layers)):
         assert all(c >= 1 for c in plan.replicas(layer)), "every expert is placed"
         assert all(len(d) <= slots for d in plan.layers[layer]), "no device over its slot count"
+        assert all(len(set(d)) == len(d) for d in plan.layers[layer]), "one copy of an expert per device"
 
 
 def test_eplb_replicates_the_hottest_experts():
     counts = replicate(np.array([100.0, 10, 10, 10]), 6)
     assert counts.tolist() == [3, 1, 1, 1]
-    (layer,) = eplb_placement(np.array([[100.0, 10, 10, 10]]), 2, 2)
-    assert sorted(e for experts in layer for e in experts) == [0, 0, 0, 1, 2, 3]
+    assert replicate(np.array([100.0, 10, 10, 10]), 6, max_replicas=2).tolist() == [2, 2, 1, 1]
+    (layer,) = eplb_placement(np.array([[100.0, 10, 10, 10]]), 2, 2)  # at most one copy per device
+    assert sorted(e for experts in layer for e in experts) == [0, 0, 1, 1, 2, 3]
+    assert all(len(set(d)) == len(d) for d in layer)
+
+
+@pytest.mark.parametrize("policy", ["eplb", "balanced", "affinity"])
+@pytest.mark.parametrize(("devices", "replicas"), [(2, 2), (3, None), (4, 12), (2, 8)])
+def test_no_device_holds_two_copies_of_an_expert(policy, devices, replicas):
+    stats = synthetic_stats(3, 8, tokens=2048, top_k=2, zipf=1.5, clusters=2, cluster_boost=8, seed=1)
+    plan = plan_placement(stats, devices, policy=policy, replicas=replicas)
+    _check_slots(plan, (-8) % devices if replicas is None else replicas)
+
+
+def test_more_replicas_than_one_per_device_is_an_error():
+    stats = synthetic_stats(2, 8, tokens=512, top_k=2, seed=0)
+    with pytest.raises(PlacementError, match="at most 8 with 8 experts on 2 devices"):
+        plan_placement(stats, 2, policy="balanced", replicas=9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -193,6 +193,10 @@ def plan_placement(
         replicas = (-E) % D if D <= E else D - E
     if replicas < 0:
         raise PlacementError(f"--replicas must be >= 0, got {replicas}")
+    if replicas > E * (D - 1) and not (isinstance(policy, str) and policy == "round-robin"):
+        raise PlacementError(
+            f"--replicas {replicas}: at most {E * (D - 1)} with {E} experts on {D} devices (one copy of an expert "
+            "per device; a second copy on the same device serves nothing the first does not)")
     name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     if isinstance(policy, str):
         if policy not in POLICIES:
@@ -313,6 +317,8 @@ def _refine_balance(loads: np.ndarray, devices: list[list[int]], slots: int, max
     w = loads[expert] / counts[expert]  # [S] load of each replica
     device_load = np.bincount(device, weights=w, minlength=D)
     device_count = np.bincount(device, minlength=D)
+    holds = np.zeros((len(loads), D), dtype=np.int64)  # replicas of each expert on each device
+    np.add.at(holds, (expert, device), 1)
     eps = 1e-9 * max(float(device_load.max()), 1.0)
     for _ in range(max_steps):
         p = int(np.argmax(device_load))
@@ -325,12 +331,15 @@ def _refine_balance(loads: np.ndarray, devices: list[list[int]], slots: int, max
             q_load = device_load[device[others]][None, :]
             value = np.maximum(top - delta, q_load + delta)
             value[delta <= 0] = np.inf
+            # never a second copy of an expert on one device
+            value[(holds[expert[on_p]][:, device[others]] > 0) | (holds[expert[others]][:, p] > 0)[None, :]] = np.inf
             i, j = np.unravel_index(np.argmin(value), value.shape)
             if value[i, j] < best_value:
                 best, best_value = ("swap", on_p[i], others[j]), value[i, j]
         room = np.flatnonzero(device_count < slots)
         if len(on_p) > 1 and len(room):
             value = np.maximum(top - w[on_p][:, None], device_load[room][None, :] + w[on_p][:, None])
+            value[holds[expert[on_p]][:, room] > 0] = np.inf
             i, j = np.unravel_index(np.argmin(value), value.shape)
             if value[i, j] < best_value:
                 best, best_value = ("move", on_p[i], room[j]), value[i, j]
@@ -341,12 +350,18 @@ def _refine_balance(loads: np.ndarray, devices: list[list[int]], slots: int, max
             q = device[b]
             device_load[p] += w[b] - w[a]
             device_load[q] += w[a] - w[b]
+            holds[expert[a], p] -= 1
+            holds[expert[a], q] += 1
+            holds[expert[b], q] -= 1
+            holds[expert[b], p] += 1
             device[a], device[b] = q, p
         else:
             device_load[p] -= w[a]
             device_load[b] += w[a]
             device_count[p] -= 1
             device_count[b] += 1
+            holds[expert[a], p] -= 1
+            holds[expert[a], b] += 1
             device[a] = b
     return _to_devices(expert, device, D)
 
@@ -437,6 +452,8 @@ def _refine_affinity_layer(stats, layers, layer, E, D, cap):
     np.add.at(f, (expert, device), 1.0 / r)
     affinity = within @ f + outside  # [E, D] per whole expert
     pair_w = within[expert][:, expert] / (r[:, None] * r[None, :])  # [S, S]
+    holds = np.zeros((E, D), dtype=np.int64)  # replicas of each expert on each device
+    np.add.at(holds, (expert, device), 1)
     moved = False
     S = len(expert)
     for _ in range(4 * S):
@@ -448,6 +465,7 @@ def _refine_affinity_layer(stats, layers, layer, E, D, cap):
         new_p = device_load[device][:, None] - delta
         new_q = device_load[device][None, :] + delta
         bad = (device[:, None] == device[None, :]) | (new_p > cap) | (new_q > cap) | (expert[:, None] == expert[None, :])
+        bad |= (holds[expert][:, device] > 0) | (holds[expert][:, device] > 0).T  # one copy of an expert per device
         gain[bad] = -np.inf
         threshold = 1e-9 * max(float(np.abs(affinity).max()), 1.0)
         flat = np.flatnonzero(gain > threshold)
@@ -464,6 +482,10 @@ def _refine_affinity_layer(stats, layers, layer, E, D, cap):
             ea, eb = expert[a], expert[b]
             device_load[p] += w[b] - w[a]
             device_load[q] += w[a] - w[b]
+            holds[ea, p] -= 1
+            holds[ea, q] += 1
+            holds[eb, q] -= 1
+            holds[eb, p] += 1
             device[a], device[b] = q, p
             change = within[:, ea] / r[a] - within[:, eb] / r[b]  # [E]
             affinity[:, p] -= change

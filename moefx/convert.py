@@ -377,7 +377,8 @@ def convert(
         for container, ffns in sorted(by_container.items(), key=lambda kv: -len(kv[0].split("."))):
             if any(c != container and _is_inside(c, container) for c in rewritten):
                 kept = _recapture_around_converted(model, container, ffns, warnings)
-                chosen = [f for f in chosen if f not in ffns or f in kept]
+                dropped = {id(f) for f in ffns} - {id(f) for f in kept}
+                chosen = [f for f in chosen if id(f) not in dropped]
                 bar.update(len(ffns) - len(kept))
                 if not kept:
                     continue

@@ -285,7 +285,7 @@ class Router(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         probs = log_probs.exp()  # [T, E]
         if self.load_balance_weight > 0 and first_choice is not None:
-            # (a scatter-add rather than bincount: it also runs on meta tensors, and compiles without a graph break)
+            # (a scatter-add rather than bincount, which has no meta kernel)
             counts = probs.new_zeros(self.num_experts).index_add_(0, first_choice, probs.new_ones(len(first_choice)))
             fraction = counts / max(len(first_choice), 1)
             aux["load_balance"] = self.load_balance_weight * self.num_experts * (fraction * probs.mean(0)).sum()

@@ -271,6 +271,8 @@ def test_lora_layers_match_torch(tmp_path, name):
     report = export_onnx(model, None, path, fused=True)
     onnx.checker.check_model(str(path), full_check=True)
     assert len(report.layers) == len(moefx.moe_layers(model)) and not any(layer.fused for layer in report.layers)
+    assert {layer.status for layer in report.layers} == {"unfused"}  # exported as standard ops, not "absent"
+    assert all("adapters" in layer.lowering.method for layer in report.layers)
     assert_standard_domains_only(onnx.load(str(path)))
     error = ort_vs_torch(path, model, inputs)
     assert error <= 1e-4, f"{name}/lora: max abs error {error:.2e}"

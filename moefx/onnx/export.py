@@ -39,6 +39,7 @@ from ..capture import _FlatCall
 from ..convert import _normalize_inputs, moe_layers
 from ..errors import MoefxError, OutputExistsError
 from ..io import _first_line, atomic_write_text, set_mode, staging_dir
+from ..lora import LoRAMoELayer
 from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
@@ -533,6 +534,11 @@ def _fold_weight_preparation(model: ir.Model) -> None:
         optimizer.remove_unused_nodes(model)
 
 
+_LORA_LOWERING = Lowering(
+    False, "standard ONNX ops: the frozen dense FFN plus every expert's rank-r adapters, masked by the routing",
+    "lora layers (a shared dense FFN with routed adapters): no fused op computes them")
+
+
 def _layer_reports(model: ir.Model, layers: list[tuple[str, nn.Module]],
                    dispatches: dict[str, tuple[str, Lowering]]) -> list[LayerExport]:
     """Attribute the stamped nodes to MoE layers (and name them after it); one report per layer."""
@@ -552,7 +558,10 @@ def _layer_reports(model: ir.Model, layers: list[tuple[str, nn.Module]],
     # module metadata goes to the first layer without one, in model order.
     unclaimed = [key for key in dispatches if key not in owner]
     reports = []
-    for name, _ in layers:
+    for name, layer in layers:
+        if isinstance(layer, LoRAMoELayer):  # no dispatch op: its graph is standard ops
+            reports.append(LayerExport(name, "", _LORA_LOWERING))
+            continue
         keys = [key for key in dispatches if owner.get(key) == name] or unclaimed[:1]
         if not keys:
             reports.append(LayerExport(name, "", None))

@@ -201,7 +201,10 @@ def test_cli_partition_writes_plan_and_shards(tmp_path, monkeypatch, capsys):
     calib = tmp_path / "calib.pt"
     torch.save(torch.randn(6, 5, 16), calib)
     assert cli_main(["partition", str(out), "--devices", "4", "--calib", str(calib), "-o", str(plan_dir), "-q"]) == 0
-    assert "3 MoE layers on 4 devices" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 MoE layers on 4 devices" in printed
+    # the recorded example inputs (2 examples) cannot be split over 4 ranks: the printed command says so
+    assert f"-m moefx.run {plan_dir} --inputs EXAMPLES.pt" in printed and "hold 2 example(s)" in printed
     names = sorted(p.name for p in plan_dir.iterdir())
     assert {"plan.json", "plan.png", "partition.json", "stats.npz", "recipe.json"} <= set(names)
     assert [n for n in names if n.startswith("rank-")] == [f"rank-0000{r}-of-00004.safetensors" for r in range(4)]

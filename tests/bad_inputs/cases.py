@@ -633,7 +633,7 @@ def top_k_above_experts(ws, command):
 @case("negative --capacity-factor", "convert")
 def negative_capacity(ws, command):
     return expect(ws.convert(FACTORY, "--capacity-factor", "-1", capacity_factor=-1.0), ConfigError,
-                  ("--capacity-factor", "capacity_factor"), "must be positive")
+                  ("--capacity-factor", "capacity_factor"), "must be a positive finite number", "dropless")
 
 
 @case("unknown --router", "convert")

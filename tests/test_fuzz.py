@@ -147,5 +147,7 @@ def test_fuzzed_model_exports_to_onnx_runtime(spec, tmp_path_factory):
     (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
     with torch.no_grad():
         want = moe(other).numpy()
-    tolerance = 1e-3 if spec["act"] == "gelu" else 1e-4  # ORT's GELU is the tanh approximation
+    # ORT's GELU is the tanh approximation (up to 4.7e-4 per activation); through up to three layers and the
+    # vocabulary head its error grows with the logits (1.1e-3 at logits up to 15 was seen), so it scales with them.
+    tolerance = max(1e-3, 2e-4 * float(abs(want).max())) if spec["act"] == "gelu" else 1e-4
     assert abs(got - want).max() <= tolerance

@@ -433,8 +433,9 @@ def topk_combine(router_logits: ir.Value, k: int, normalize: bool) -> ir.Value:
 
 def assigned_combine(expert_index: ir.Value, combine_weight: ir.Value, num_experts: int) -> ir.Value:
     """A given assignment (``expert_index [T, k]``, ``-1`` = dropped) as a dense combine matrix ``[T, E]``."""
-    kept = op.GreaterOrEqual(expert_index, op.Constant(value_int=0))  # [T, k]
-    index = op.Where(kept, expert_index, op.Constant(value_int=0))
+    zero_index = op.CastLike(op.Constant(value_int=0), expert_index)  # int64 or int32
+    kept = op.GreaterOrEqual(expert_index, zero_index)  # [T, k]
+    index = op.Where(kept, expert_index, zero_index)
     weight = _accumulated(combine_weight)
     weight = op.Where(kept, weight, op.CastLike(op.Constant(value_float=0.0), weight))
     shape = op.Concat(op.Shape(expert_index, start=0, end=1), op.Constant(value_ints=[num_experts]), axis=0)
@@ -575,14 +576,7 @@ def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Funct
     with onnxscript.evaluator.default_as(recorder):
         experts = ExpertWeights(values["w1"], values.get("b1"), values.get("w3"), values.get("b3"), values["w2"],
                                 values.get("b2"), spec.activation)
-        index, weight = values["expert_index"], values["combine_weight"]
-        kept = op.GreaterOrEqual(index, op.CastLike(op.Constant(value_int=0), index))  # [T, k]
-        safe_index = op.Where(kept, index, op.CastLike(op.Constant(value_int=0), index))
-        weight = _accumulated(weight)
-        weight = op.Where(kept, weight, op.CastLike(op.Constant(value_float=0.0), weight))
-        shape = op.Concat(op.Shape(index, start=0, end=1), op.Shape(experts.w1, start=0, end=1), axis=0)
-        zeros = op.CastLike(op.ConstantOfShape(shape), weight)
-        combine = op.ScatterElements(zeros, safe_index, weight, axis=1, reduction="add")  # [T, E]
+        combine = assigned_combine(values["expert_index"], values["combine_weight"], spec.num_experts)  # [T, E]
         output = gather_experts(values["x"], combine, experts, spec.num_experts)
     output.name = "output"
     graph = ir.Graph([values[name] for name in spec.inputs], [output], nodes=recorder.nodes,

@@ -22,15 +22,20 @@ from torch.utils import _pytree as pytree
 __all__ = ["main", "split_batch"]
 
 
+def batch_size(inputs) -> int | None:
+    """The batch :func:`split_batch` splits: the first dimension of the inputs' first tensor (None: no tensor)."""
+    tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    return int(tensors[0].shape[0]) if tensors else None
+
+
 def split_batch(inputs: tuple[tuple, dict], rank: int, world_size: int) -> tuple[tuple, dict]:
     """This rank's slice of every tensor that has the batch dimension (the first tensor's first dimension)."""
     from moefx.errors import MoefxError
 
     leaves, spec = pytree.tree_flatten(inputs)
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if not tensors:
+    batch = batch_size(inputs)
+    if batch is None:
         raise MoefxError("the inputs hold no tensor to split over the ranks")
-    batch = tensors[0].shape[0]
     if batch < world_size:
         raise MoefxError(f"a batch of {batch} example(s) cannot be split over {world_size} ranks; pass a batch of "
                          f"at least {world_size} examples with --inputs")

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from moefx.placement.planner import model_fingerprint, plan_placement
     from moefx.placement.shards import write_partition
     from moefx.placement.stats import calibration_batches, record_stats
+    from moefx.run import batch_size
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{len(plan.layers)} MoE layers on {plan.num_devices} devices ({plan.policy}): balance mean "
               f"{p['balance_mean']:.3f}, min {p['balance_min']:.3f}; predicted all-to-all {p['a2a_bytes'] / 1e6:.3f} MB")
-        recorded = _recorded_batch(model)
+        recorded = batch_size(getattr(getattr(model, "moefx_info", None), "inputs", None))
         inputs = "" if recorded is None or recorded >= plan.num_devices else " --inputs EXAMPLES.pt"
         print(f"saved to {args.output}/ (plan.json, {'' if args.no_png else 'plan.png, '}"
               f"{plan.num_devices} shards); run: torchrun --nproc-per-node {plan.num_devices} -m moefx.run "
@@ -110,12 +111,3 @@ def run(args: argparse.Namespace) -> int:
                   f"split them: give a tensor file of at least {plan.num_devices} examples)")
     return 0
 
-
-def _recorded_batch(model) -> int | None:
-    """How many examples the converted model's recorded example inputs hold (the batch moefx.run splits)."""
-    import torch
-    from torch.utils import _pytree as pytree
-
-    inputs = getattr(getattr(model, "moefx_info", None), "inputs", None)
-    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    return int(tensors[0].shape[0]) if tensors else None

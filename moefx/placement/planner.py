@@ -465,7 +465,8 @@ def _refine_affinity_layer(stats, layers, layer, E, D, cap):
         new_p = device_load[device][:, None] - delta
         new_q = device_load[device][None, :] + delta
         bad = (device[:, None] == device[None, :]) | (new_p > cap) | (new_q > cap) | (expert[:, None] == expert[None, :])
-        bad |= (holds[expert][:, device] > 0) | (holds[expert][:, device] > 0).T  # one copy of an expert per device
+        clash = holds[expert][:, device] > 0  # [S, S]: item a's expert already on item b's device
+        bad |= clash | clash.T  # one copy of an expert per device
         gain[bad] = -np.inf
         threshold = 1e-9 * max(float(np.abs(affinity).max()), 1.0)
         flat = np.flatnonzero(gain > threshold)

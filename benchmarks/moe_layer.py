@@ -140,7 +140,7 @@ def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
         if threads == 1 or not ops._EXPERT_THREADS:
             gemms(0, kept)
             return
-        pieces = ops._pieces(kept, threads)
+        pieces = ops._pieces(counts, threads)
         futures = [ops._expert_workers(threads - 1).submit(gemms, lo, hi) for lo, hi in pieces[1:]]
         with ops._serial_glue(True):
             gemms(*pieces[0])

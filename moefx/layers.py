@@ -13,12 +13,14 @@ Expert Choice) mix tokens only within a group, so one sequence's output never de
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 from torch import nn
 
 from . import ops
 from .activations import ACTIVATIONS
-from .routers import Router, Routing, RoutingStats, _unobserved
+from .routers import Router, Routing, RoutingStats, SoftMoERouter, _unobserved
 
 __all__ = ["ExpertBank", "MoELayer", "routing_stats"]
 
@@ -143,12 +145,16 @@ class MoELayer(nn.Module):
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])  # [T, H]
         group_size = lead[-1] if len(lead) >= 2 else tokens.shape[0]  # a group is one sequence
-        with ops._serial_glue(_serial_router(tokens, self.num_experts)):
+        serial_router = _serial_router(tokens, self.num_experts)
+        # The output zeroed on an expert worker while this thread routes (eager inference, token routers).
+        zeroed = (ops.zeros_ahead(tokens.shape[0], self.experts.out_features, tokens)
+                  if serial_router and not isinstance(self.router, SoftMoERouter) else None)
+        with ops._serial_glue(serial_router):
             routing = self.router(tokens, group_size)
         if routing.dispatch is not None:
             y = self._soft_forward(tokens, routing)
         else:
-            y = self._run_experts(tokens, routing)
+            y = self._run_experts(tokens, routing, zeroed)
         if self.shared is not None:
             dropout = self.hidden_dropout if self.training else 0.0
             y = y + ops.expert_ffn(tokens, 0, *self.shared.weights(), self.shared.activation, dropout=dropout)
@@ -156,7 +162,7 @@ class MoELayer(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, y.shape[-1])
 
-    def _run_experts(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _run_experts(self, tokens: torch.Tensor, routing: Routing, zeroed: Future | None = None) -> torch.Tensor:
         w1, b1, w3, b3, w2, b2 = self.experts.weights()
         activation = self.experts.activation
         if self.training and self.hidden_dropout > 0:
@@ -170,7 +176,7 @@ class MoELayer(nn.Module):
             # top-k router it is exactly the op's own softmax top-k), without the dispatcher round trip.
             return ops.moe_ffn_kernel(
                 tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype),
-                w1, b1, w3, b3, w2, b2, activation,
+                w1, b1, w3, b3, w2, b2, activation, zeroed,
             )
         if routing.dropless_topk:
             return ops.topk_moe(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,3 +344,86 @@ def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch, two_threads)
         layer(x)
     assert seen == [1, 2, 2, 2]
     assert torch.get_num_threads() == 2
+
+
+def _piece_cost(counts, lo, hi, chain_rows):
+    """Rows ``lo:hi`` of the expert-sorted rows, plus ``chain_rows`` for every expert they touch."""
+    starts = [sum(counts[:e]) for e in range(len(counts) + 1)]
+    touched = sum(1 for e, c in enumerate(counts) if c and starts[e] < hi and starts[e + 1] > lo)
+    return hi - lo + chain_rows * touched
+
+
+def test_pieces_cut_on_expert_boundaries_unless_cutting_inside_balances_better():
+    """Hand-worked cuts, with each expert a piece runs costing 27 rows: at 512 tokens, 8 experts, top-2, the
+    even row split (512 | 512) put 11 rows of expert 3 into the second piece (5 experts against 4, cost 647
+    against 620); the boundary after expert 3 (523 | 501, 4 experts each: 631 | 609) is cheaper. One expert is
+    cut in the middle; an expert of 300 rows and one of 2 are cut where both sides cost the same."""
+    from moefx import ops
+
+    assert ops._CHAIN_ROWS == 27
+    assert ops._pieces([140, 132, 125, 126, 129, 118, 137, 117], 2) == [(0, 523), (523, 1024)]
+    assert ops._pieces([1000], 2) == [(0, 500), (500, 1000)]
+    # 300 rows of expert 0 and 2 of expert 7: the cut p inside expert 0 gives p + 27 = (300 - p) + 2 + 2 * 27.
+    assert ops._pieces([300, 0, 0, 0, 0, 0, 0, 2], 2) == [(0, 164), (164, 302)]
+    assert ops._pieces([0, 4, 0], 2) == [(0, 2), (2, 4)]
+    assert ops._pieces([1, 0, 0, 3], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # every piece gets a row
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_pieces_cover_the_rows_and_two_never_cost_more_than_the_even_split(parts):
+    """Random expert loads: the pieces are contiguous, non-empty and cover every row; with two pieces the
+    costlier one never costs more than with the even row split."""
+    from moefx import ops
+
+    g = torch.Generator().manual_seed(parts)
+    for _ in range(300):
+        experts = int(torch.randint(1, 17, (1,), generator=g))
+        counts = torch.randint(0, 200, (experts,), generator=g).tolist()
+        counts[int(torch.randint(0, experts, (1,), generator=g))] += parts  # at least one row per piece
+        total = sum(counts)
+        pieces = ops._pieces(counts, parts)
+        assert len(pieces) == parts and pieces[0][0] == 0 and pieces[-1][1] == total
+        assert all(lo < hi for lo, hi in pieces) and all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+        if parts == 2:
+            chosen, even = (max(_piece_cost(counts, 0, cut, ops._CHAIN_ROWS),
+                                _piece_cost(counts, cut, total, ops._CHAIN_ROWS)) for cut in (pieces[0][1], total // 2))
+            assert chosen <= even, (counts, pieces)
+
+
+def test_layer_zeroes_its_output_on_an_expert_worker_while_it_routes(monkeypatch, two_threads):
+    """In eager inference at 2 threads a token-choice layer's output is zeroed on the expert worker (started
+    before routing, in the caller's inference mode) and the result is the same as with the caller zeroing it;
+    a Soft MoE layer, whose experts run on slots, starts none."""
+    import threading
+
+    from moefx import ops
+    from moefx.routers import SoftMoERouter
+
+    monkeypatch.setattr(ops, "_ZEROS_AHEAD_MIN_BYTES", 0)
+    made = []
+    zeros = ops._zeros
+    monkeypatch.setattr(ops, "_zeros", lambda *a: (made.append(threading.current_thread().name), zeros(*a))[1])
+    bank = ExpertBank(4, 16, 24, 16, "silu", gated=True, up_bias=False, down_bias=False)
+    layer = MoELayer(TopKRouter(16, moefx.MoEConfig(num_experts=4, top_k=2)), bank).eval()
+    for w in (bank.w1, bank.w3, bank.w2):
+        torch.nn.init.normal_(w, std=0.3)
+    x = torch.randn(2, 20, 16)
+    with torch.inference_mode():
+        got = layer(x)
+        assert made == ["moefx-experts-0"] and got.is_inference()
+        monkeypatch.setattr(ops, "zeros_ahead", lambda *a: None)
+        want = layer(x)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        routing = layer.router(x.reshape(-1, 16))
+    torch.testing.assert_close(
+        got.reshape(-1, 16).double(),
+        _per_token_reference(x.reshape(-1, 16), routing.expert_index, routing.combine_weight, *bank.weights(),
+                             "silu"), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "_ZEROS_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(ops, "_zeros", lambda *a: (made.append("soft"), zeros(*a))[1])
+    soft = MoELayer(SoftMoERouter(16, moefx.MoEConfig(router="soft", num_experts=4)), bank).eval()
+    with torch.inference_mode():
+        soft(x)
+    assert made == ["moefx-experts-0"]

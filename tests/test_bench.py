@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import moefx
@@ -60,6 +61,56 @@ def test_dense_mlp_flops_and_params():
     assert cost.params == 8 * 32 + 32 + 32 * 8 + 8 == 552
     assert cost.active_params_per_token == 552
     assert cost.flops_per_token == 2 * 8 * 32 + 2 * 32 * 8 == 1024  # per token: two GEMM rows
+
+
+class _Attention(nn.Module):
+    """Self-attention through ``scaled_dot_product_attention``: 4 query heads, ``kv_heads`` key/value heads."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.qkv = nn.Linear(16, 32 + 2 * 8 * kv_heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([32, 8 * self.kv_heads, 8 * self.kv_heads], dim=-1)
+        q = q.view(b, s, 4, 8).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, 8).transpose(1, 2) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != 4)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_flops_are_counted(kv_heads):
+    """scaled_dot_product_attention on CPU (which PyTorch's counter leaves out): ``q k^T`` and ``p v``, each
+    ``2 * S * S * 8`` per batch and query head, grouped-query or not."""
+    cost = count_torch(_Attention(kv_heads), (torch.randn(2, 10, 16),))
+    projection = 2 * 16 * (32 + 2 * 8 * kv_heads)  # per token
+    attention = 2 * (2 * 2 * 4 * 10 * 10 * 8)  # batch 2, 4 heads, S = 10, head size 8; per pass
+    assert cost.flops_per_token * 20 == 20 * projection + attention
+
+
+def test_llama_flops_per_token_include_attention():
+    """A tiny LLaMA (hidden 32, 4 heads of 8, 2 key/value heads, SwiGLU 64, vocab 96, 2 layers), seq 6: per
+    token and layer q/k/v/o projections, the SwiGLU FFN and attention over 6 positions; plus the LM head."""
+    from conftest import tiny_hf_model
+
+    seq = 6
+    cost = count_torch(tiny_hf_model("llama"), (torch.randint(1, 96, (2, seq)),))
+    layer = 2 * 32 * 32 * 2 + 2 * 32 * 16 * 2 + 2 * 32 * 64 * 3 + 2 * 4 * seq * (8 + 8)
+    assert cost.tokens == 12
+    assert cost.flops_per_token == 2 * layer + 2 * 32 * 96 == 44544
+
+
+def test_vit_tokens_are_its_patches():
+    """Tokens of a model that takes pixels: the rows its FFNs see (16 patches and the class token per image),
+    not rows of pixels."""
+    from conftest import tiny_hf_model
+
+    vit = tiny_hf_model("vit")  # image 16, patch 4
+    pixels = torch.randn(3, 3, 16, 16)
+    assert count_torch(vit, (pixels,), ffn_modules=["layers.0.mlp", "layers.1.mlp"]).tokens == 3 * 17
+    moe = moefx.convert(vit, moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(pixels,))
+    assert count_torch(moe, (pixels,)).tokens == 3 * 17
 
 
 def test_topk_moe_flops_and_active_params():

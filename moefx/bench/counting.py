@@ -2,7 +2,8 @@
 
 Torch models: one forward pass under :class:`torch.utils.flop_counter.FlopCounterMode`. Every matrix product
 is counted from its real operand shapes (``2 * M * N * K``, as PyTorch's own counter does; elementwise ops,
-softmax and normalisation are not counted). moefx's dispatch ops are counted from their real arguments: the
+softmax and normalisation are not counted), and so is ``scaled_dot_product_attention`` on CPU, which PyTorch's
+counter leaves out. moefx's dispatch ops are counted from their real arguments: the
 number of token-expert assignments the call computed (``T * k`` for ``moefx::topk_moe``; the kept entries of
 ``expert_index`` for ``moefx::moe_ffn``) times one expert's FLOPs. The same pass records, per MoE layer, the
 tokens it saw and the assignments it ran, which gives the active parameters per token.
@@ -70,8 +71,9 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     Args:
         ffn_modules: qualified names of the dense FFN modules, whose FLOPs are reported as the FFN's; MoE
             layers are found by themselves.
-        tokens: tokens of the input (default: the element count of the first integer input, else the
-            product of all but the last dimension of the first tensor input).
+        tokens: tokens of the input (default: the rows the first FFN or MoE layer to run sees; in a model
+            without one, the element count of the first integer input, else the product of all but the last
+            dimension of the first tensor input).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,6 +111,8 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
         # topk_moe(x, logits, w1, b1, w3, b3, w2, b2, k, ...); moe_ffn(x, index, weight, w1, b1, w3, b3, w2, ...)
         torch.ops.moefx.topk_moe: dispatch_formula(2, lambda a: a[0].shape[0] * int(a[8])),
         torch.ops.moefx.moe_ffn: dispatch_formula(3, lambda a: int((a[1] >= 0).sum())),
+        # scaled_dot_product_attention on CPU, which PyTorch's counter leaves out (it counts the CUDA kernels)
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     }
     # One pass first, uncounted: a captured container (CapturedModule) that meets a new input structure captures
     # it with torch.export, whose traced ops the counter would count, and record symbolic sizes, as well.
@@ -118,6 +122,17 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     for name, module in layers:
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook))
+    # Tokens: the rows the first FFN (dense or MoE) to run sees, e.g. a ViT's patches, not its pixel rows.
+    ffn_rows: list[int] = []
+
+    def count_rows(module, args, kwargs):
+        x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+        if x is not None and not ffn_rows:
+            ffn_rows.append(x.numel() // x.shape[-1])
+
+    ffns = [m for _, m in layers] + [m for name, m in model.named_modules() if name in set(ffn_modules or ())]
+    for module in ffns:
+        handles.append(module.register_forward_pre_hook(count_rows, with_kwargs=True))
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     try:
         with torch.no_grad(), counter:
@@ -133,7 +148,7 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     def flops_of(name: str) -> int:
         return per_module.get(f"{root}.{name}" if name else root, 0)
 
-    n_tokens = tokens if tokens is not None else _infer_tokens(args, kwargs)
+    n_tokens = tokens if tokens is not None else ffn_rows[0] if ffn_rows else _infer_tokens(args, kwargs)
     params = _count_parameters(model)
     active = float(params)
     moe_info = []
@@ -162,6 +177,15 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
         ffn_layers=len(layers) or len(ffn_modules or []),
         moe_layers=moe_info,
     )
+
+
+def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args, out_shape=None, **kwargs) -> int:
+    """``softmax(q k^T) v``: ``2 * Sq * Sk * (Dk + Dv)`` per batch and query head, the two matrix products (like
+    PyTorch's formula for the CUDA kernels: the causal mask's skipped half is counted too). Grouped-query
+    attention (fewer key/value heads) costs the same per query head."""
+    *lead, s_q, d_k = query
+    s_k, d_v = key[-2], value[-1]
+    return 2 * math.prod(lead) * s_q * s_k * (d_k + d_v)
 
 
 def _infer_tokens(args: tuple, kwargs: dict) -> int:

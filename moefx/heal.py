@@ -77,6 +77,7 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
             raise ConfigError("the dense model this was converted from is unknown (it was converted from a Python "
                               "object); pass it: heal(model, calib, dense=dense_model) or --dense MODEL")
         dense = load_source(spec, trust_remote_code=trust_remote_code).model
+    _check_is_source(model, dense)
     analysis = _analyze(dense, info.inputs, None)
     matches = {f.name: f.match for f in analysis.ffns}
     targets = {}
@@ -90,6 +91,31 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
                          seed=info.config.seed if seed is None else seed, steps=steps)
     info.healing = report
     return report
+
+
+def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
+    """Refuse a dense model that is not the one ``model`` was converted from: conversion copies every weight
+    outside the FFNs, so the two share a dtype and each weight both have (same name and shape) must agree (to a
+    relative 1e-3). Fitting the experts to another model's FFNs would silently make them worse."""
+    dtypes = [next((p.dtype for p in m.parameters() if p.is_floating_point()), None) for m in (model, dense)]
+    if None not in dtypes and dtypes[0] != dtypes[1]:
+        raise ConfigError(f"the dense model is in {str(dtypes[1]).removeprefix('torch.')} and the converted one in "
+                          f"{str(dtypes[0]).removeprefix('torch.')}: pass the dense model in the converted "
+                          f"model's dtype (dense.to({dtypes[0]}))")
+    theirs = dict(dense.state_dict())
+    compared = 0
+    for name, mine in model.state_dict().items():
+        other = theirs.get(name)
+        if other is None or other.shape != mine.shape or not mine.is_floating_point() or mine.is_meta or other.is_meta:
+            continue
+        compared += 1
+        a, b = mine.detach().double(), other.detach().to(mine.dtype).double()
+        if not torch.equal(a, b) and float((a - b).norm()) > 1e-3 * float(b.norm()):
+            raise ConfigError(f"the dense model is not the one this model was converted from: its {name!r} "
+                              "differs; pass the model it was converted from (heal fits each MoE layer to that "
+                              "model's FFN)")
+    if not compared:
+        log.debug("heal: the dense model shares no weight outside the FFNs with the converted one; not checked")
 
 
 def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, max_tokens: int = 16384,

@@ -327,6 +327,20 @@ def test_same_inputs_and_seed_give_byte_identical_recipe_and_weights(flags, tmp_
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
+def test_heal_refuses_a_dense_model_that_is_not_the_source(hf_dir, tmp_path):
+    """`moefx heal --dense OTHER`, OTHER another checkpoint of the same architecture: one line, exit 2, no output."""
+    from conftest import tiny_hf_model
+
+    tiny_hf_model("bert", seed=1).save_pretrained(tmp_path / "other")
+    torch.save(torch.randint(1, 96, (8, 6)), tmp_path / "calib.pt")
+    assert main(["convert", str(hf_dir), "--init", "split", "--experts", "4", "--top-k", "2",
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    result = run_cli("heal", str(tmp_path / "out"), "--calib", str(tmp_path / "calib.pt"),
+                     "--dense", str(tmp_path / "other"), "-o", str(tmp_path / "healed"))
+    assert_clean_error(result, "not the one this model was converted from")
+    assert not (tmp_path / "healed").exists()
+
+
 @pytest.mark.slow
 def test_split_with_calibration_and_healing_from_the_cli(hf_dir, tmp_path, capsys):
     """`convert --calib --heal` and `moefx heal` each bring a weight-only split conversion closer to the dense

@@ -356,6 +356,20 @@ def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
     assert moe.moefx_info.healing == report
 
 
+def test_healing_refuses_a_dense_model_that_is_not_the_source():
+    """Another checkpoint of the same architecture, or the source in another dtype: one clear error, and the
+    converted model is left as it was."""
+    dense = tiny_hf_model("llama")
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2))
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"not the one this model was converted from: its 'model\.embed_tokens"):
+        moefx.heal(moe, _ids(4, batch=8), dense=tiny_hf_model("llama", seed=1))
+    with pytest.raises(ConfigError, match=r"dense model is in bfloat16 .* pass the dense model in the converted"):
+        moefx.heal(moe, _ids(4, batch=8), dense=copy.deepcopy(dense).to(torch.bfloat16))
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+    assert moefx.heal(moe, _ids(4, batch=8), dense=dense, steps=0)  # the source itself
+
+
 def test_masked_dense_refinement_runs_the_layers_own_function():
     """The healing's gradient stage trains a masked dense FFN: it must compute exactly what the layer does."""
     heal_module = importlib.import_module("moefx.heal")

@@ -85,7 +85,8 @@ class MoEConfig:
         expert_size: hidden (intermediate) size of each expert; ``None`` keeps the dense FFN's (``split``
             derives it: the FFN's hidden size over ``num_experts + shared_experts``).
         partition: ``split``: how neurons are grouped into experts (see :data:`PARTITIONS`); ``None`` picks
-            ``coactivation`` when calibration data is given and ``cluster`` otherwise.
+            ``coactivation`` when calibration data is given and ``cluster`` otherwise (``coactivation``
+            without calibration data is an error).
         shared_experts: ``split``: how many expert-sized groups of neurons form an always-on shared expert
             (CMoE): the neurons most active on calibration data (the largest-norm ones without data). The
             layer then runs ``shared_experts + top_k`` of ``shared_experts + num_experts`` neuron groups.

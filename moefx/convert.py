@@ -38,6 +38,7 @@ from .passes import FindFFNPass, PassManager, RewriteFFNPass
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
 from .routers import check_router_causality
+from .split import check_partition
 from .tasks import task_ids
 
 __all__ = ["Analysis", "FoundFFN", "NearMiss", "analyze", "aux_loss", "convert", "moe_layers"]
@@ -364,6 +365,8 @@ def convert(
     if heal_steps < 0:
         raise ConfigError(f"heal_steps must be >= 0 (--heal-steps), got {heal_steps}")
     calibrated = calib is not None and initialize and config.init == "split"
+    if initialize:
+        check_partition(config, calibrated=calib is not None)
     if calib is not None and config.init != "split" and not heal:
         log.info("moefx: init=%r does not use calibration data; it is only read by init='split' and healing",
                  config.init)

@@ -53,9 +53,17 @@ def split_sizes(match: FFNMatch, config: MoEConfig) -> tuple[int, int]:
 
 def partition_used(config: MoEConfig, *, calibrated: bool) -> str:
     """The partition a split conversion uses: ``config.partition``, by default ``coactivation`` with
-    calibration data and ``cluster`` without; ``coactivation`` without data falls back to ``cluster``."""
-    partition = config.partition or ("coactivation" if calibrated else "cluster")
-    return "cluster" if partition == "coactivation" and not calibrated else partition
+    calibration data and ``cluster`` without (see :func:`check_partition`)."""
+    check_partition(config, calibrated=calibrated)
+    return config.partition or ("coactivation" if calibrated else "cluster")
+
+
+def check_partition(config: MoEConfig, *, calibrated: bool) -> None:
+    """An explicit ``partition='coactivation'`` needs calibration data: one clear error, not another method."""
+    if config.init == "split" and config.partition == "coactivation" and not calibrated:
+        raise ConfigError("partition='coactivation' groups neurons by how they fire together on calibration "
+                          "data; pass calib= (--calib FILE), or partition='cluster' to group them by their weights "
+                          "alone")
 
 
 @dataclass

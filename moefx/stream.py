@@ -57,6 +57,7 @@ from .checkpoint import (
 from .config import MoEConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError, MoefxError, OutputExistsError
 from .progress import progress
+from .split import check_partition
 
 __all__ = ["DEFAULT_SHARD_SIZE", "StreamPlan", "StreamResult", "parse_size", "plan_stream", "run_stream",
            "stream_convert"]
@@ -526,6 +527,7 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
 
     start = time.perf_counter()
     calibrated_split = calibration is not None and plan.config.init == "split"
+    check_partition(plan.config, calibrated=calibration is not None)
     if heal_steps is not None:
         if heal_steps < 0:
             raise ConfigError(f"heal steps must be >= 0, got {heal_steps}")

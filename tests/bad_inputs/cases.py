@@ -770,6 +770,12 @@ def split_not_divisible(ws, command):
                   ConfigError, ("--experts", "num_experts"), "not divisible by 5")
 
 
+@case("--partition coactivation without --calib", "convert")
+def coactivation_without_calibration(ws, command):
+    return expect(ws.convert(FACTORY, "--init", "split", "--partition", "coactivation", init="split",
+                             partition="coactivation"), ConfigError, ("--partition", "partition="), "--calib")
+
+
 @case("--heal without --calib", "convert")
 def heal_without_calibration(ws, command):
     return expect(ws.convert(FACTORY, "--init", "split", init="split", heal=True), ConfigError,

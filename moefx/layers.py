@@ -148,7 +148,8 @@ class MoELayer(nn.Module):
         serial_router = _serial_router(tokens, self.num_experts)
         # The output zeroed on an expert worker while this thread routes (eager inference, token routers).
         zeroed = (ops.zeros_ahead(tokens.shape[0], self.experts.out_features, tokens)
-                  if serial_router and not isinstance(self.router, SoftMoERouter) else None)
+                  if serial_router and not isinstance(self.router, SoftMoERouter)
+                  and _unobserved(tokens, *self.experts.weights()) else None)
         with ops._serial_glue(serial_router):
             routing = self.router(tokens, group_size)
         if routing.dispatch is not None:

@@ -393,8 +393,11 @@ def test_pieces_cover_the_rows_and_two_never_cost_more_than_the_even_split(parts
 def test_layer_zeroes_its_output_on_an_expert_worker_while_it_routes(monkeypatch, two_threads):
     """In eager inference at 2 threads a token-choice layer's output is zeroed on the expert worker (started
     before routing, in the caller's inference mode) and the result is the same as with the caller zeroing it;
-    a Soft MoE layer, whose experts run on slots, starts none."""
+    a Soft MoE layer, whose experts run on slots, starts none, nor does a layer under a dispatch mode (a FLOP
+    counter), which calls its op."""
     import threading
+
+    from torch.utils.flop_counter import FlopCounterMode
 
     from moefx import ops
     from moefx.routers import SoftMoERouter
@@ -426,4 +429,6 @@ def test_layer_zeroes_its_output_on_an_expert_worker_while_it_routes(monkeypatch
     soft = MoELayer(SoftMoERouter(16, moefx.MoEConfig(router="soft", num_experts=4)), bank).eval()
     with torch.inference_mode():
         soft(x)
+    with torch.inference_mode(), FlopCounterMode(display=False):  # observed: the layer calls its op
+        layer(x)
     assert made == ["moefx-experts-0"]

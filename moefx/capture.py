@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import MoefxError
 from .passes.ffn_pass import rewrite_with_layers
 from .passes.ffn_rules import is_conv1d
 
@@ -387,7 +388,11 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
             p.requires_grad_(True)
         on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves((args, kwargs)))
         with torch.enable_grad(), _MetaScalars() if on_meta else contextlib.nullcontext():
-            out = model(*args, **kwargs)
+            try:
+                out = model(*args, **kwargs)
+            except Exception as exc:
+                raise MoefxError(f"the model failed on its example inputs ({_one_line(exc)}); pass inputs its "
+                                 "forward accepts (--inputs FILE, or example_inputs=)") from exc
         record.output = pytree.tree_map(_detach, out)
         memo: dict[int, set[str] | None] = {}
         for down, fn in grad_fn_in.items():

@@ -50,6 +50,7 @@ __all__ = [
     "atomic_write_text",
     "check_safetensors",
     "load",
+    "load_example_inputs",
     "load_source",
     "read_example_inputs",
     "read_json_file",
@@ -466,6 +467,34 @@ def _write_inputs(inputs: tuple[tuple, dict] | None, tmp: Path) -> dict[str, Any
     save_file(tensors, str(tmp / "example_inputs.safetensors"))
     return {"file": "example_inputs.safetensors", "treespec": pytree.treespec_dumps(spec), "constants": constants,
             "num_leaves": len(leaves)}
+
+
+def load_example_inputs(path: str | os.PathLike) -> tuple[tuple, dict]:
+    """Example inputs from a file, as ``(args, kwargs)``: a ``.pt`` file (read with ``weights_only``) holding a
+    tensor (one positional input), a tuple or list (positional inputs) or a dict with string keys (keyword
+    inputs); or a ``.safetensors`` file, whose tensors are keyword inputs by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoefxError(f"{path}: no such inputs file; pass a .pt or .safetensors file of example inputs")
+    fix = ("save a tensor, a tuple of inputs or a dict of named inputs with torch.save (.pt), or named tensors "
+           "with safetensors")
+    if path.suffix == ".safetensors":
+        check_safetensors(path, MoefxError, fix)
+        from safetensors.torch import load_file
+
+        return (), dict(load_file(str(path)))
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        raise MoefxError(f"{path}: not readable as example inputs (not a torch.save file, or it holds more than "
+                         f"tensors and plain values); {fix}") from None
+    if isinstance(data, torch.Tensor):
+        return (data,), {}
+    if isinstance(data, (tuple, list)):
+        return tuple(data), {}
+    if isinstance(data, dict) and all(isinstance(k, str) for k in data):
+        return (), dict(data)
+    raise MoefxError(f"{path}: holds a {type(data).__name__}, not example inputs; {fix}")
 
 
 def read_example_inputs(out: Path, meta: dict[str, Any] | None) -> tuple[tuple, dict] | None:

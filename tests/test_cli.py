@@ -125,6 +125,31 @@ def test_pickle_with_opt_in(tmp_path, capsys):
     assert (tmp_path / "out" / "recipe.json").exists()
 
 
+@pytest.mark.parametrize("form", ["tensor", "dict", "safetensors"])
+def test_a_pickled_module_converts_with_example_inputs_from_a_file(tmp_path, form):
+    """`convert model.pt --inputs FILE`: the conversion is checked on those inputs and records them, so that
+    bench (which shapes its inputs after them) runs on the output; a .pt tensor is a positional input, a dict
+    or a .safetensors file's tensors are keyword inputs."""
+    from safetensors.torch import save_file
+
+    model, _ = __import__("toy_models").stack_of_mlps()
+    torch.save(model, tmp_path / "model.pt")
+    x = torch.randn(3, 7, 16)
+    inputs = tmp_path / ("inputs.safetensors" if form == "safetensors" else "inputs.pt")
+    if form == "safetensors":
+        save_file({"x": x}, inputs)
+    else:
+        torch.save(x if form == "tensor" else {"x": x}, inputs)
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "model.pt"), "--trust-remote-code", "--inputs", str(inputs),
+                 "-o", str(out), "--quiet"]) == 0
+    args, kwargs = moefx.load(out, trust_remote_code=True).moefx_info.inputs
+    assert torch.equal(args[0] if form == "tensor" else kwargs["x"], x)
+    assert json.loads((out / "report.json").read_text())["verification"]["compared"]
+    assert main(["bench", str(out), "--trust-remote-code", "--runtimes", "torch", "--no-ffn", "--batch", "1",
+                 "--seq", "4", "--min-seconds", "0.01", "--quiet"]) == 0
+
+
 BAD_CASES = {
     "missing file": (["convert", "does/not/exist.pt2"], ["does/not/exist.pt2", "no such file"]),
     "wrong format": (["convert", "{tmp}/notes.pt2"], ["notes.pt2", "not a valid torch.export program"]),

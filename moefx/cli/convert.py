@@ -21,6 +21,7 @@ _EXAMPLES = """examples:
   moefx convert model_dir/ --experts 8 --top-k 2 -o out/
   moefx convert model_dir/ --top-k 1 --capacity-factor 1.25 --every 2 -o out/     Switch-style
   moefx convert program.pt2 --init random --expert-size 256 -o out/ --force
+  moefx convert model.pt --trust-remote-code --inputs examples.pt -o out/          a pickled module
   moefx convert my_pkg.models:build --last 4 -o out/                               V-MoE style
   moefx convert vit_dir/ --router soft -o out/                                     Soft MoE
   moefx convert t5_dir/ --router task --num-tasks 3 -o out/                        Task-MoE
@@ -72,6 +73,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="output directory (default: MODEL name + '-moe' in the current directory)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    parser.add_argument("--inputs", type=Path, default=None, metavar="FILE",
+                        help="example inputs for capture, checking and the record in OUT (bench and partition "
+                             "read it): a .pt file of a tensor, a tuple of inputs or a dict of named inputs, or a "
+                             ".safetensors file of named tensors (default: the model's own, e.g. from a factory)")
     parser.add_argument("--stream", action="store_true",
                         help="convert a Hugging Face safetensors directory one layer at a time, in bounded memory "
                              "(resumes an interrupted run)")
@@ -202,14 +207,14 @@ def check_not_an_input(out: Path, *inputs: Path | str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import moefx
-    from moefx.io import load_source
+    from moefx.io import load_example_inputs, load_source
     from moefx.report import render_conversion_text
 
     config = config_from_args(args)
     out = args.output or default_output(args.model)
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
-    check_not_an_input(out, args.model, args.calib)
+    check_not_an_input(out, args.model, args.calib, args.inputs)
     check_output_parent(out)
     if args.heal and args.calib is None:
         raise ConfigError("--heal fits the MoE layers to the dense FFNs on calibration data; pass --calib FILE")
@@ -219,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--heal-steps must be >= 0, got {args.heal_steps}")
     if args.calib is not None and not args.calib.is_file():
         raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
+    if args.stream and args.inputs is not None:
+        raise ConfigError("--inputs does not apply to --stream, which plans from the checkpoint's config without "
+                          "running the model; convert without --stream to use example inputs")
+    example = load_example_inputs(args.inputs) if args.inputs is not None else None
     if args.stream:
         from .stream import run_streamed
 
@@ -228,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(_in_flag_terms(str(exc))) from None
     source = load_source(args.model, trust_remote_code=args.trust_remote_code)
-    inputs = source.example_inputs or (None, None)
+    inputs = example or source.example_inputs or (None, None)
     try:
         model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
                               source=source.to_dict(), calib=args.calib, calib_tokens=args.calib_tokens,

@@ -43,7 +43,7 @@ from moefx.errors import (
     OutputExistsError,
     UnsafeFileError,
 )
-from moefx.io import load_source, read_recipe
+from moefx.io import load_example_inputs, load_source, read_recipe
 
 __all__ = ["CASES", "Assets", "Case", "Expect", "Invocation", "Workspace", "build_assets", "case", "expect"]
 
@@ -216,16 +216,17 @@ class Workspace:
 
     def convert(self, model: str | Path, *flags: str, out: Path | None = None, force: bool = False,
                 trust: bool = False, calib: Path | None = None, heal: bool = False, heal_steps: int | None = None,
-                **config: Any) -> Invocation:
+                inputs: Path | None = None, **config: Any) -> Invocation:
         """``moefx convert MODEL -o OUT FLAGS``; ``config`` are the MoEConfig fields ``flags`` set."""
         out = out or self.path("result")
         cli = ["convert", str(model), "-o", str(out), "--experts", "2", "--top-k", "1", *flags,  # flags override
                *(["--calib", str(calib)] if calib is not None else []), *(["--heal"] if heal else []),
                *(["--heal-steps", str(heal_steps)] if heal_steps is not None else []),
+               *(["--inputs", str(inputs)] if inputs is not None else []),
                *(["--force"] if force else []),
                *(["--trust-remote-code"] if trust else [])]
         return Invocation(cli, lambda: api_convert(model, out, force=force, trust_remote_code=trust, calib=calib,
-                                                   heal=heal, heal_steps=heal_steps, **config))
+                                                   heal=heal, heal_steps=heal_steps, inputs=inputs, **config))
 
     def inspect(self, model: str | Path, *, trust: bool = False) -> Invocation:
         cli = ["inspect", str(model), *(["--trust-remote-code"] if trust else [])]
@@ -268,10 +269,11 @@ class Workspace:
 
 
 def api_convert(model, out, *, force=False, trust_remote_code=False, calib=None, heal=False, heal_steps=None,
-                **config):
+                inputs=None, **config):
     config = moefx.MoEConfig(**{"num_experts": 2, "top_k": 1, **config})
+    example = load_example_inputs(inputs) if inputs is not None else None
     source = load_source(model, trust_remote_code=trust_remote_code)
-    args, kwargs = source.example_inputs or (None, None)
+    args, kwargs = example or source.example_inputs or (None, None)
     moe = moefx.convert(source.model, config, args, example_kwargs=kwargs, inplace=True, source=source.to_dict(),
                         calib=calib, heal=heal, **({} if heal_steps is None else {"heal_steps": heal_steps}))
     return moefx.save(moe, out, force=force)
@@ -774,6 +776,25 @@ def split_not_divisible(ws, command):
 def coactivation_without_calibration(ws, command):
     return expect(ws.convert(FACTORY, "--init", "split", "--partition", "coactivation", init="split",
                              partition="coactivation"), ConfigError, ("--partition", "partition="), "--calib")
+
+
+@case("--inputs the model does not accept", "convert")
+def inputs_not_accepted(ws, command):
+    path = ws.path("inputs.pt")
+    torch.save((torch.randn(2, 5, 16), torch.randn(3)), path)  # one positional input too many
+    return expect(ws.convert(FACTORY, inputs=path), MoefxError, ("--inputs", "example_inputs="),
+                  "failed on its example inputs", "TypeError")
+
+
+@case("--inputs that are not example inputs", "convert")
+def inputs_not_inputs(ws, command):
+    path = ws.write("inputs.pt", b"not a torch.save file")
+    return expect(ws.convert(FACTORY, inputs=path), MoefxError, "inputs.pt", "not readable as example inputs")
+
+
+@case("--inputs missing", "convert")
+def inputs_missing(ws, command):
+    return expect(ws.convert(FACTORY, inputs=ws.path("absent.pt")), MoefxError, "absent.pt", "no such inputs file")
 
 
 @case("--heal without --calib", "convert")

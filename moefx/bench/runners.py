@@ -54,8 +54,8 @@ def synthesize_inputs(model: nn.Module, example: tuple[tuple, dict] | None, batc
         example = _default_inputs(model)
         if example is None:
             raise MoefxError(
-                f"{type(model).__name__}: no example inputs to shape the benchmark inputs after; convert with "
-                "example inputs so that the output directory records them"
+                f"{type(model).__name__}: no example inputs to shape the benchmark inputs after; convert again "
+                "with example inputs (moefx convert --inputs FILE) so that the output directory records them"
             )
     gen = torch.Generator().manual_seed(seed)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

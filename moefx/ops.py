@@ -280,16 +280,29 @@ def _pieces(counts: list[int], parts: int) -> list[tuple[int, int]]:
         lo = cut
         first = bisect.bisect_right(bounds, lo) - 1
     pieces.append((lo, total))
+    if parts > 2:
+        # With more pieces the greedy cuts are not always optimal (for two they are): never worse than even ones.
+        even = list(itertools.pairwise(total * i // parts for i in range(parts + 1)))
+        if max(_piece_cost(bounds, *p) for p in even) < max(_piece_cost(bounds, *p) for p in pieces):
+            return even
     return pieces
+
+
+def _piece_cost(bounds: list[int], lo: int, hi: int) -> int:
+    """Rows ``lo:hi`` plus :data:`_CHAIN_ROWS` per expert they touch (expert ``i`` holds rows
+    ``bounds[i]:bounds[i+1]``)."""
+    touched = min(bisect.bisect_left(bounds, hi), len(bounds) - 1) - (bisect.bisect_right(bounds, lo) - 1)
+    return hi - lo + _CHAIN_ROWS * touched
 
 
 def _cut_sides(p: int, i: int, inside: bool, lo: int, first: int, left: int, total: int,
                n: int) -> tuple[float, float]:
     """For :func:`_pieces`: the cost of the piece from row ``lo`` (in expert ``first``) to a cut at row ``p``, and
     the mean cost of the ``left - 1`` pieces after it (``n`` experts with rows, ``total`` rows). The cut is at the
-    start of expert ``i`` (this piece runs experts ``first..i-1``), or ``inside`` it (both sides run it)."""
+    start of expert ``i`` (this piece runs experts ``first..i-1``), or ``inside`` it (both sides run it). Each of
+    the ``left - 2`` cuts still to come is counted as falling inside an expert, which both its sides then run."""
     return (p - lo + _CHAIN_ROWS * (i - first + inside),
-            (total - p + _CHAIN_ROWS * (n - i)) / (left - 1))
+            (total - p + _CHAIN_ROWS * (n - i + left - 2)) / (left - 1))
 
 
 def _run_piece(out: torch.Tensor | torch.Size, x: torch.Tensor, token: torch.Tensor, gate: torch.Tensor,

@@ -286,6 +286,37 @@ def test_run_bench_converted_model(converted_dir):
     assert all(s.realised > 0 and s.ideal < 1 for s in report.speedups)
 
 
+def test_bench_counts_dense_and_moe_per_token_of_the_same_rows(tmp_path):
+    """An FFN in the root module, on image patches: both sides count per patch (16 per 16x16 image, patches of
+    4x4), not per row of pixels on the dense side; per token the 4x4x3 -> 16 patch projection (1536 FLOPs) plus
+    the FFN 16 -> 32 -> 16 (2048), and for the MoE the router (2 * 16 * 4) and one upcycled expert."""
+    source = moefx.io.load_source("toy_models:patch_mlp")
+    moe = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=1), *source.example_inputs[:1],
+                        source=source.to_dict())
+    moefx.save(moe, tmp_path / "out")
+    report = run_bench(tmp_path / "out", batches=[1], seqs=[4], runtimes=["torch"], ffn=False, min_seconds=0.01,
+                       rounds=1)
+    dense, moe_cost = report.costs["dense"], report.costs["moe"]
+    assert dense["tokens"] == moe_cost["tokens"] == 16
+    assert dense["flops_per_token"] == 1536 + 2048
+    assert moe_cost["flops_per_token"] == 1536 + 2 * 16 * 4 + 2048
+    [model] = [s for s in report.speedups if s.scope == "model"]
+    assert model.ideal == pytest.approx(3584 / 3712)
+
+
+def test_counting_a_moe_layer_called_with_keywords():
+    class Caller(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = _moe_layer()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.moe(x=x)
+
+    cost = count_torch(Caller(), (torch.randn(2, 5, H),))
+    assert cost.tokens == 10 and cost.moe_layers[0]["assignments"] == 20
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(TESTS), MOEFX_QUIET="1")
     return subprocess.run([sys.executable, "-m", "moefx.cli", "bench", *args], capture_output=True, text=True,

@@ -141,3 +141,22 @@ def non_finite_weights():
 
 def raising_factory():
     raise RuntimeError("the checkpoint server is down")
+
+
+class PatchMLP(nn.Module):
+    """Patches of an image through a residual FFN that sits in the root module itself (its recipe name is '')."""
+
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, kernel_size=4, stride=4)
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, pixels):
+        x = self.patch(pixels).flatten(2).transpose(1, 2)  # [batch, patches, d]
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def patch_mlp():
+    torch.manual_seed(0)
+    return PatchMLP().eval(), (torch.randn(2, 3, 16, 16),)

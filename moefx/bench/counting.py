@@ -85,10 +85,10 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     stack: list[str] = []
 
     def pre_hook(name):
-        def hook(module, inputs):
-            x = inputs[0]
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
             entry = records.setdefault(name, {"name": name, "tokens": 0, "assignments": 0, "calls": 0})
-            entry["tokens"] += x.numel() // x.shape[-1]
+            entry["tokens"] += 0 if x is None else x.numel() // x.shape[-1]
             entry["calls"] += 1
             stack.append(name)
         return hook
@@ -120,17 +120,17 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
         model(*args, **kwargs)
     handles = []
     for name, module in layers:
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook))
     # Tokens: the rows the first FFN (dense or MoE) to run sees, e.g. a ViT's patches, not its pixel rows.
     ffn_rows: list[int] = []
 
     def count_rows(module, args, kwargs):
-        x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+        x = _first_tensor(args, kwargs)
         if x is not None and not ffn_rows:
             ffn_rows.append(x.numel() // x.shape[-1])
 
-    ffns = [m for _, m in layers] + [m for name, m in model.named_modules() if name in set(ffn_modules or ())]
+    ffns = [m for _, m in layers] + [m for name, m in model.named_modules() if name and name in set(ffn_modules or ())]
     for module in ffns:
         handles.append(module.register_forward_pre_hook(count_rows, with_kwargs=True))
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
@@ -186,6 +186,11 @@ def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *arg
     *lead, s_q, d_k = query
     s_k, d_v = key[-2], value[-1]
     return 2 * math.prod(lead) * s_q * s_k * (d_k + d_v)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A module call's first tensor argument with at least one dimension (positional first), or None."""
+    return next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
 def _infer_tokens(args: tuple, kwargs: dict) -> int:

@@ -169,8 +169,10 @@ def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seco
     ideal: dict[tuple[str, int], float] = {}
     for s in seqs:
         args, kwargs = synthesize_inputs(dense, example, batches[0], s, seed=seed)
-        dense_cost = count_torch(dense, args, kwargs, ffn_modules=[d["name"] for d in recipe["layers"]])
         moe_cost = count_torch(moe, args, kwargs)
+        # Per token of the same count on both sides: the rows the MoE layers see.
+        dense_cost = count_torch(dense, args, kwargs, ffn_modules=[d["name"] for d in recipe["layers"]],
+                                 tokens=moe_cost.tokens)
         ideal[("model", s)] = dense_cost.flops_per_token / moe_cost.flops_per_token
         if s == seqs[0]:
             report.costs["dense"] = dense_cost.to_dict()

@@ -95,27 +95,37 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
 
 def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
     """Refuse a dense model that is not the one ``model`` was converted from: conversion copies every weight
-    outside the FFNs, so the two share a dtype and each weight both have (same name and shape) must agree (to a
-    relative 1e-3). Fitting the experts to another model's FFNs would silently make them worse."""
+    outside the FFNs, so the two share a dtype, and the weights both have (same name and shape) agree (to a
+    relative 1e-3) except for a few: a checkpoint that lacks some weights (a classification head) gets them
+    initialised at random on every load, so those may differ (a warning). If weights holding most of the
+    compared elements differ, it is another model: fitting the experts to its FFNs would make them worse."""
     dtypes = [next((p.dtype for p in m.parameters() if p.is_floating_point()), None) for m in (model, dense)]
     if None not in dtypes and dtypes[0] != dtypes[1]:
         raise ConfigError(f"the dense model is in {str(dtypes[1]).removeprefix('torch.')} and the converted one in "
                           f"{str(dtypes[0]).removeprefix('torch.')}: pass the dense model in the converted "
                           f"model's dtype (dense.to({dtypes[0]}))")
     theirs = dict(dense.state_dict())
-    compared = 0
+    compared = differing = 0
+    differ: list[str] = []
     for name, mine in model.state_dict().items():
         other = theirs.get(name)
         if other is None or other.shape != mine.shape or not mine.is_floating_point() or mine.is_meta or other.is_meta:
             continue
-        compared += 1
+        compared += mine.numel()
         a, b = mine.detach().double(), other.detach().to(mine.dtype).double()
         if not torch.equal(a, b) and float((a - b).norm()) > 1e-3 * float(b.norm()):
-            raise ConfigError(f"the dense model is not the one this model was converted from: its {name!r} "
-                              "differs; pass the model it was converted from (heal fits each MoE layer to that "
-                              "model's FFN)")
+            differing += mine.numel()
+            differ.append(name)
     if not compared:
         log.debug("heal: the dense model shares no weight outside the FFNs with the converted one; not checked")
+    elif 2 * differing > compared:
+        raise ConfigError(f"the dense model is not the one this model was converted from: its {differ[0]!r} and "
+                          f"{len(differ) - 1} more of the weights outside the FFNs differ; pass the model it was "
+                          "converted from (heal fits each MoE layer to that model's FFN)")
+    elif differ:
+        log.warning("moefx: warning: %d weight(s) of the dense model differ from the converted model's (%s%s; "
+                    "initialised at random where its checkpoint lacks them?); healing fits its FFNs as they are",
+                    len(differ), ", ".join(differ[:3]), ", ..." if len(differ) > 3 else "")
 
 
 def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, max_tokens: int = 16384,

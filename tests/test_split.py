@@ -370,6 +370,24 @@ def test_healing_refuses_a_dense_model_that_is_not_the_source():
     assert moefx.heal(moe, _ids(4, batch=8), dense=dense, steps=0)  # the source itself
 
 
+def test_healing_accepts_the_source_when_its_checkpoint_lacks_a_head(tmp_path):
+    """A BertForSequenceClassification read from a BertModel checkpoint: its classifier is initialised at random
+    on every load, so the source heal loads again differs there, and only there. That is still the source."""
+    import json
+
+    from moefx.io import load_source
+
+    tiny_hf_model("bert").save_pretrained(tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    source = load_source(tmp_path / "bert")
+    moe = moefx.convert(source.model, MoEConfig(init="split", num_experts=4, top_k=2), source=source.to_dict())
+    assert not torch.equal(moe.classifier.weight, load_source(tmp_path / "bert").model.classifier.weight)
+    report = moefx.heal(moe, _ids(4, batch=8), steps=0)  # the recorded source, loaded again
+    assert [r["method"] for r in report] == ["least-squares", "least-squares"]
+
+
 def test_masked_dense_refinement_runs_the_layers_own_function():
     """The healing's gradient stage trains a masked dense FFN: it must compute exactly what the layer does."""
     heal_module = importlib.import_module("moefx.heal")

@@ -710,7 +710,7 @@ class TaskRouter(Router):
         if ids is None:
             raise ConfigError(
                 "router='task' needs task ids: run the model inside `with moefx.tasks.task_ids(ids):` with one "
-                "int for the whole batch or one int per example"
+                "int for the whole batch or one int per example (moefx bench, partition and heal: --task-id N)"
             )
         if isinstance(ids, int):
             self._check_task(ids)

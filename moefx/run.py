@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rank 0 saves the gathered output tensor here (torch.save)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck collective fails")
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    parser.add_argument("--task-id", type=int, default=None, metavar="N",
+                        help="models converted with --router task: the task to run the model on")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow rebuilding a pickled .pt source")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -125,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from moefx.placement.runtime import init_expert_parallel
     from moefx.placement.shards import check_partition, load_rank_model, read_example_inputs
+    from moefx.tasks import task_context
 
     check_partition(args.plan_dir)  # fail fast, before waiting for the other ranks
     rank, world = init_expert_parallel(args.backend, timeout=args.timeout)
@@ -139,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     model.to(device)
     args_, kwargs = split_batch(inputs, rank, world)
     args_, kwargs = pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, (args_, kwargs))
-    with torch.no_grad():
+    with torch.no_grad(), task_context(model, args.task_id, str(args.plan_dir)):
         output = first_tensor(model(*args_, **kwargs)).cpu()
     _check_layers_ran(model)
     gathered: list = [None] * world
@@ -156,9 +159,10 @@ def _report(args: argparse.Namespace, inputs: tuple[tuple, dict], gathered: list
         torch.save(full, args.save_output)
     if args.reference is not None:
         import moefx
+        from moefx.tasks import task_context
 
         reference = moefx.load(args.reference, trust_remote_code=args.trust_remote_code)
-        with torch.no_grad():
+        with torch.no_grad(), task_context(reference, args.task_id, str(args.reference)):
             expected = first_tensor(reference(*inputs[0], **inputs[1]))
         error = float((full - expected).abs().max())
         print(f"moefx.run: max |expert-parallel - single-process| = {error:.3e} (atol {args.atol:g})")

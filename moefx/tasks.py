@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["current_modality", "current_task_ids", "extract_task", "modality", "task_ids"]
+__all__ = ["current_modality", "current_task_ids", "extract_task", "modality", "task_context", "task_ids"]
 
 _TASK_IDS: contextvars.ContextVar[int | torch.Tensor | None] = contextvars.ContextVar("moefx_task_ids", default=None)
 _MODALITY: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("moefx_modality", default=None)
@@ -50,6 +50,28 @@ def task_ids(ids: int | Sequence[int] | torch.Tensor) -> Iterator[None]:
         yield
     finally:
         _TASK_IDS.reset(token)
+
+
+def task_context(model: nn.Module, task: int | None, what: str = "the model") -> contextlib.AbstractContextManager:
+    """:func:`task_ids` with ``task`` for a model with task-routed MoE layers (``router='task'``); nothing for one
+    without. One clear error where a task-routed model gets no task (``task`` None), ``task`` is out of range, or
+    a model without task routing gets one. ``what`` names the model in messages. (Commands use it to run a
+    model on ``--task-id N``.)"""
+    from .routers import TaskRouter
+
+    tasks = [m.num_tasks for m in model.modules() if isinstance(m, TaskRouter)]
+    if isinstance(task, bool) or not (task is None or isinstance(task, int)) or (task is not None and task < 0):
+        raise ConfigError(f"task_id (--task-id) must be a non-negative integer, got {task!r}")
+    if tasks and task is None:
+        raise ConfigError(f"{what}: its MoE layers route by task (router='task', {min(tasks)} tasks); pass the task "
+                          "to run with --task-id N (task_id=N)")
+    if not tasks and task is not None:
+        raise ConfigError(f"{what}: task_id (--task-id) applies to models converted with router='task' "
+                          "(--router task); this one routes by token")
+    if tasks and task >= min(tasks):
+        raise ConfigError(f"{what}: task_id (--task-id) {task} is out of range: the model has {min(tasks)} tasks "
+                          f"(0-{min(tasks) - 1})")
+    return task_ids(task) if tasks else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -304,6 +304,28 @@ def test_bench_counts_dense_and_moe_per_token_of_the_same_rows(tmp_path):
     assert model.ideal == pytest.approx(3584 / 3712)
 
 
+def test_bench_times_a_task_routed_model_on_the_task_given(tmp_path):
+    """router='task': the task to time is required, in range, and used by torch (each token runs its task's
+    top-2 experts) and by the ONNX files (their task_ids input); a token-routed model refuses a task id."""
+    source = moefx.io.load_source("toy_models:stack_of_mlps")
+    config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2)
+    moefx.save(moefx.convert(source.model, config, *source.example_inputs[:1], source=source.to_dict()),
+               tmp_path / "tasks")
+    sizes = {"batches": [2], "seqs": [4], "ffn": False, "min_seconds": 0.01, "rounds": 1}
+    with pytest.raises(ConfigError, match=r"route by task .* --task-id N"):
+        run_bench(tmp_path / "tasks", runtimes=["torch"], **sizes)
+    with pytest.raises(ConfigError, match="out of range: the model has 3 tasks"):
+        run_bench(tmp_path / "tasks", runtimes=["torch"], task_id=3, **sizes)
+    report = run_bench(tmp_path / "tasks", runtimes=["torch", "ort-fused", "ort-unfused"], task_id=2, **sizes)
+    assert {(m.model, m.runtime) for m in report.measurements} == {
+        ("dense", "torch"), ("moe", "torch"), ("dense", "ort"), ("moe", "ort-fused"), ("moe", "ort-unfused")}
+    assert [layer["experts_per_token"] for layer in report.costs["moe"]["moe_layers"]] == [2.0] * 3
+    moefx.save(moefx.convert(source.model, moefx.MoEConfig(num_experts=4), *source.example_inputs[:1],
+                             source=source.to_dict()), tmp_path / "tokens")
+    with pytest.raises(ConfigError, match="applies to models converted with router='task'"):
+        run_bench(tmp_path / "tokens", runtimes=["torch"], task_id=0, **sizes)
+
+
 def test_counting_a_moe_layer_called_with_keywords():
     class Caller(nn.Module):
         def __init__(self) -> None:

@@ -99,6 +99,34 @@ def test_torchrun_matches_single_process(tmp_path, router, nproc):
     assert f"{nproc} ranks, output (4, 6, 16)" in result.stdout
 
 
+def test_a_task_routed_model_partitions_and_runs_on_the_task_given(tmp_path):
+    """router='task' from the command line: `partition` and `moefx.run` take --task-id N (without it, one clear
+    line), and the expert-parallel run on task 1 matches one process on task 1."""
+    from moefx.cli import main
+    from moefx.tasks import task_ids
+
+    sys.path.insert(0, str(TESTS))
+    from toy_models import stack_of_mlps
+
+    model, _ = stack_of_mlps()
+    torch.manual_seed(1)
+    config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2, init="random", seed=3)
+    with task_ids(0):
+        moe = moefx.convert(model, config, (torch.randn(4, 6, 16),),
+                            source={"kind": "factory", "spec": FACTORY, "class": "toy_models:Stack"})
+    moefx.save(moe, tmp_path / "out")
+    plan = ["partition", str(tmp_path / "out"), "--devices", "2", "--no-png", "-o", str(tmp_path / "plan"), "--quiet"]
+    assert main(plan) == 2 and not (tmp_path / "plan").exists()
+    assert main([*plan, "--task-id", "1"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "moefx.run", str(tmp_path / "plan"), "--reference", str(tmp_path / "out"), "--task-id", "1",
+           "--atol", "1e-5", "--timeout", "30"]
+    result = _run(cmd, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "max |expert-parallel - single-process| = 0" in result.stdout
+
+
 _FAULT_WORKER = textwrap.dedent("""
     import os, sys, time, torch
     from moefx.errors import MoefxError

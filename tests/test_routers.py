@@ -675,3 +675,22 @@ def test_gate_takes_the_kernel_gemm_only_when_nothing_observes_it(monkeypatch, r
     with torch.inference_mode():
         router(x, 40)
     assert calls == [] and seen == [True]
+
+
+def test_task_context_for_commands():
+    """``task_context`` (what --task-id does): the task's ids for a task-routed model, nothing for another, and
+    one clear error for a missing task, one out of range, a negative one, or a task for a token-routed model."""
+    from moefx.tasks import current_task_ids, task_context
+
+    tasks = MoELayer(TaskRouter(8, moefx.MoEConfig(router="task", num_tasks=3, num_experts=4)),
+                     ExpertBank(4, 8, 12, 8, "silu", gated=False, up_bias=False, down_bias=False))
+    tokens = MoELayer(TopKRouter(8, moefx.MoEConfig(num_experts=4)),
+                      ExpertBank(4, 8, 12, 8, "silu", gated=False, up_bias=False, down_bias=False))
+    with task_context(tasks, 2):
+        assert current_task_ids() == 2
+    with task_context(tokens, None):
+        assert current_task_ids() is None
+    for model, task, says in [(tasks, None, "route by task .* --task-id N"), (tasks, 3, "out of range: .* 3 tasks"),
+                              (tasks, -1, "non-negative"), (tokens, 0, "applies to models converted with")]:
+        with pytest.raises(ConfigError, match=says):
+            task_context(model, task, "m")

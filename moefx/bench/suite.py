@@ -28,6 +28,7 @@ from ..progress import progress
 from .counting import count_onnx, count_torch
 from .report import BenchReport, Measurement, Speedup
 from .runners import (
+    _tensor_leaves,
     export_dense_onnx,
     onnx_feed,
     ort_runner,
@@ -68,8 +69,12 @@ def run_bench(
     rounds: int = 5,
     trust_remote_code: bool = False,
     seed: int = 0,
+    task_id: int | None = None,
 ) -> BenchReport:
     """Benchmark a moefx output directory (converted vs dense) or an ONNX file (ORT only).
+
+    ``task_id``: for a model with task-routed MoE layers (``router='task'``), the task whose route is timed
+    (every example of a batch has it; the ONNX files take it as their ``task_ids`` input).
 
     Raises:
         ConfigError: a size or thread count that is not a positive integer, an unknown runtime.
@@ -85,10 +90,13 @@ def run_bench(
         raise ConfigError(f"min_seconds must be positive (got {min_seconds})")
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".onnx":
+        if task_id is not None:
+            raise ConfigError("task_id (--task-id) applies to a moefx output directory; an ONNX file with task-routed "
+                              "layers takes its task ids as the graph input 'task_ids', made up here")
         return _bench_onnx(path, batches, seqs, threads, min_seconds, rounds, seed)
     if path.is_dir() and (path / "recipe.json").exists():
         return _bench_converted(path, batches, seqs, threads, list(runtimes), ffn, min_seconds, rounds,
-                                trust_remote_code, seed)
+                                trust_remote_code, seed, task_id)
     if not path.exists():
         raise ModelLoadError(f"{source}: no such file or directory")
     raise ModelLoadError(
@@ -134,13 +142,24 @@ def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -
 
 
 def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
-                     trust_remote_code, seed) -> BenchReport:
+                     trust_remote_code, seed, task_id) -> BenchReport:
     import moefx
-    from moefx.io import read_recipe, rebuild_source, set_mode
-    from moefx.layers import MoELayer
+    from moefx.io import read_recipe
+    from moefx.tasks import task_context
 
     recipe = read_recipe(path)
-    moe = set_mode(moefx.load(path, trust_remote_code=trust_remote_code), False)
+    moe = moefx.load(path, trust_remote_code=trust_remote_code)
+    with task_context(moe, task_id, str(path)):
+        return _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, ffn, min_seconds,
+                                      rounds, trust_remote_code, seed, task_id)
+
+
+def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
+                           trust_remote_code, seed, task_id) -> BenchReport:
+    from moefx.io import rebuild_source, set_mode
+    from moefx.layers import MoELayer
+
+    moe = set_mode(moe, False)
     dense = set_mode(rebuild_source(path, recipe["source"], trust_remote_code), False)
     example = getattr(getattr(moe, "moefx_info", None), "inputs", None)
     report = BenchReport(str(path))
@@ -212,7 +231,7 @@ def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seco
                             for key, (file, names) in files.items():
                                 if key[0] != scope:
                                     continue
-                                feed = onnx_feed(ort_session(file, 1), scope_args, scope_kwargs, names)
+                                feed = _task_feed(ort_session(file, 1), scope_args, scope_kwargs, names, task_id)
                                 with peak_memory() as mem:
                                     run = ort_runner(file, feed, t)
                                     run()
@@ -278,6 +297,20 @@ def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dic
                                  gather_experts=runtime == "ort-gather", force=True)
             files[(scope, "moe", runtime)] = (file, [i["name"] for i in report.inputs])
     return files
+
+
+def _task_feed(session, args: tuple, kwargs: dict, names: list, task_id: int | None) -> dict:
+    """The ORT feed; a graph that takes task ids (an MoE side with task-routed layers) gets ``task_id`` for every
+    example of the batch (or token, as the graph was exported)."""
+    from moefx.onnx.export import TASK_IDS_INPUT
+
+    graph = {i.name: i for i in session.get_inputs()}
+    if task_id is None or TASK_IDS_INPUT not in graph:
+        return onnx_feed(session, args, kwargs, names)
+    lead = _tensor_leaves(args, kwargs)[0]
+    shape = lead.shape[:len(graph[TASK_IDS_INPUT].shape)]
+    return onnx_feed(session, args, {**kwargs, TASK_IDS_INPUT: torch.full(tuple(shape), task_id)},
+                     [*names, TASK_IDS_INPUT] if names and TASK_IDS_INPUT not in names else names)
 
 
 def _measurement(model, runtime, threads, batch, seq, timing, peak_mb) -> Measurement:

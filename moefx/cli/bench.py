@@ -60,6 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="also plot latency against batch size per runtime")
+    parser.add_argument("--task-id", type=int, default=None, metavar="N",
+                        help="models converted with --router task: the task whose route is timed")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow rebuilding a dense source saved as a pickled .pt (this runs code from the file)")
     add_common_flags(parser)
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-seconds {args.min_seconds}: give a positive number of seconds")
     report = run_bench(args.model, batches=batches, seqs=seqs, threads=threads, runtimes=runtimes,
                        ffn=not args.no_ffn, min_seconds=args.min_seconds,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, task_id=args.task_id)
     sys.stdout.write(report.render())
     if args.json is not None:
         report.write_json(args.json)

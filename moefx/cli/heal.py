@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="at most N sampled input rows per layer (default 16384)")
     parser.add_argument("--steps", type=int, default=HEAL_STEPS, metavar="N",
                         help="Adam steps per layer (default %(default)s; 0: split layers get least squares only)")
+    parser.add_argument("--task-id", type=int, default=None, metavar="N",
+                        help="models converted with --router task: the task to run the model on")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow loading pickled .pt models (this runs code from the file)")
     parser.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import moefx
     from moefx.io import load_source
     from moefx.report import format_table
+    from moefx.tasks import task_context
 
     from .convert import check_not_an_input, check_output_parent
 
@@ -68,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     dense = None
     if args.dense is not None:
         dense = load_source(args.dense, trust_remote_code=args.trust_remote_code).model
-    report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens, steps=args.steps,
-                        trust_remote_code=args.trust_remote_code)
+    with task_context(model, args.task_id, str(args.out)):
+        report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens, steps=args.steps,
+                            trust_remote_code=args.trust_remote_code)
     moefx.save(model, args.output, force=args.force)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

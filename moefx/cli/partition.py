@@ -65,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-png", action="store_true", help="do not draw plan.png")
     parser.add_argument("--force", action="store_true", help="replace PLAN if it exists")
     parser.add_argument("--json", action="store_true", help="print the plan summary as JSON")
+    parser.add_argument("--task-id", type=int, default=None, metavar="N",
+                        help="models converted with --router task: the task to run the model on")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow rebuilding a pickled .pt source")
     add_common_flags(parser)
     return parser
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from moefx.placement.shards import write_partition
     from moefx.placement.stats import calibration_batches, record_stats
     from moefx.run import batch_size
+    from moefx.tasks import task_context
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_replication and args.replicas not in (None, 0):
         raise MoefxError("--no-replication and --replicas contradict each other; pass one")
     model = moefx.load(args.model, trust_remote_code=args.trust_remote_code)
-    stats = record_stats(model, calibration_batches(model, args.calib))
+    with task_context(model, args.task_id, str(args.model)):
+        stats = record_stats(model, calibration_batches(model, args.calib))
     plan = plan_placement(
         stats, args.devices, policy=args.policy, replicas=0 if args.no_replication else args.replicas,
         device_memory=args.device_memory, load_tolerance=args.load_tolerance,
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = "" if recorded is None or recorded >= plan.num_devices else " --inputs EXAMPLES.pt"
         print(f"saved to {args.output}/ (plan.json, {'' if args.no_png else 'plan.png, '}"
               f"{plan.num_devices} shards); run: torchrun --nproc-per-node {plan.num_devices} -m moefx.run "
-              f"{args.output}{inputs}")
+              f"{args.output}{inputs}{'' if args.task_id is None else f' --task-id {args.task_id}'}")
         if inputs:
             print(f"(the recorded example inputs hold {recorded} example(s), fewer than the {plan.num_devices} ranks "
                   f"split them: give a tensor file of at least {plan.num_devices} examples)")

@@ -114,14 +114,21 @@ def _check_constant_leaves(leaves: list[Any]) -> None:
 
 
 def call_key(leaves: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
-    """What a captured graph depends on: mode, argument structure, constants, tensor ranks and dtypes."""
+    """What a captured graph depends on: mode, argument structure, constants, tensor ranks and dtypes, and which
+    dims have size 0 or 1 (``torch.export`` specialises those: a graph captured at batch 1 runs only batch 1)."""
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            parts.append(("T", leaf.dim(), leaf.dtype, leaf.device.type))
+            parts.append(("T", leaf.dim(), leaf.dtype, leaf.device.type, tuple(s <= 1 for s in leaf.shape)))
         else:
             parts.append(("C", repr(leaf)))
     return (training, str(spec), tuple(parts))
+
+
+def _general_key(key: tuple) -> tuple:
+    """``key`` with no dim of size 0 or 1: a graph captured so has those dims dynamic and runs size 1 too."""
+    training, spec, parts = key
+    return (training, spec, tuple(p[:4] + (tuple(False for _ in p[4]),) if p[0] == "T" else p for p in parts))
 
 
 def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -243,6 +250,8 @@ class CapturedModule(nn.Module):
 
     def _bind(self, key: tuple, args: tuple, kwargs: dict) -> fx.GraphModule:
         gm = self._graphs.get(key)
+        if gm is None:
+            gm = self._graphs.get(_general_key(key))
         if gm is None:
             gm = self._recapture(key, args, kwargs)
         # Bind every attribute the graph reads to *this* module's current objects (not the capture's).

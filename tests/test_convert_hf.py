@@ -131,6 +131,22 @@ def test_torch_transformer_encoder():
     assert all(p.grad is not None for _, layer in moefx.moe_layers(moe) for p in layer.parameters())
 
 
+def test_a_layer_captured_again_at_batch_one_still_runs_larger_batches():
+    """torch.export fixes a dim it sees at size 1: a BERT layer captured again for a new input structure at
+    batch 1 ran only batch 1 after that (moefx bench crashed at --batch 1,8). Each size-1 pattern now has its
+    own graph, and one captured at larger sizes serves size 1 as well."""
+    dense = tiny_hf_model("bert")
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2))  # upcycled, exact
+    with torch.no_grad():
+        for shape in [(1, 16), (2, 16), (1, 16), (2, 3), (3, 5), (1, 2)]:  # padded: a new structure
+            mask = torch.ones(shape, dtype=torch.long)
+            mask[0, -1] = 0
+            inputs = {"input_ids": torch.randint(1, 96, shape), "attention_mask": mask}
+            got, want = moe(**inputs).last_hidden_state, dense(**inputs).last_hidden_state
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert {m.num_variants for m in moe.modules() if isinstance(m, CapturedModule)} == {3}
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_conversion_keeps_every_module_in_the_dense_models_mode(verify):
     # A captured container starts in the mode of the module it replaces: one left in training mode would

@@ -128,7 +128,7 @@ def call_key(leaves: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
 def _general_key(key: tuple) -> tuple:
     """``key`` with no dim of size 0 or 1: a graph captured so has those dims dynamic and runs size 1 too."""
     training, spec, parts = key
-    return (training, spec, tuple(p[:4] + (tuple(False for _ in p[4]),) if p[0] == "T" else p for p in parts))
+    return (training, spec, tuple((*p[:4], tuple(False for _ in p[4])) if p[0] == "T" else p for p in parts))
 
 
 def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:

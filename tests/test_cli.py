@@ -366,6 +366,20 @@ def test_heal_refuses_a_dense_model_that_is_not_the_source(hf_dir, tmp_path):
     assert not (tmp_path / "healed").exists()
 
 
+def test_heal_never_writes_over_the_recorded_source(hf_dir, tmp_path):
+    """Without --dense, heal reads the source OUT records: `-o SOURCE --force` is refused like any input."""
+    import shutil
+
+    source = tmp_path / "bert"
+    shutil.copytree(hf_dir, source)
+    torch.save(torch.randint(1, 96, (8, 6)), tmp_path / "calib.pt")
+    assert main(["convert", str(source), "--experts", "4", "--top-k", "2", "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    result = run_cli("heal", str(tmp_path / "out"), "--calib", str(tmp_path / "calib.pt"), "-o", str(source), "--force")
+    assert_clean_error(result, "is the input")
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
 @pytest.mark.slow
 def test_split_with_calibration_and_healing_from_the_cli(hf_dir, tmp_path, capsys):
     """`convert --calib --heal` and `moefx heal` each bring a weight-only split conversion closer to the dense

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
-    check_not_an_input(args.output, args.out, args.dense, args.calib)
+    check_not_an_input(args.output, args.out, args.dense or _recorded_source(args.out), args.calib)
     if not args.calib.is_file():
         raise MoefxError(f"{args.calib}: no such calibration file; pass a .txt, .pt or .safetensors file")
     if args.calib_tokens < 1:
@@ -84,3 +84,13 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(["moe layer", "method", "error before", "error after", "fits kept"], rows))
         print(f"saved to {args.output}/")
     return 0
+
+
+def _recorded_source(out: Path) -> str | None:
+    """The dense source OUT records (heal reads it when --dense is not given), or None."""
+    from moefx.io import read_recipe
+
+    try:
+        return (read_recipe(out).get("source") or {}).get("spec")
+    except MoefxError:
+        return None  # not a moefx output: loading it says so

@@ -15,4 +15,4 @@ $MOEFX inspect examples/models/tiny-llama
 $MOEFX convert examples/models/tiny-llama --experts 8 --top-k 2 -o "$OUT" --force
 $MOEFX inspect "$OUT"
 $MOEFX export "$OUT" -o "$OUT.onnx" --force
-$MOEFX bench "$OUT" --batch 1,8 --seq 64 --json "$OUT-bench.json" --plot "$OUT-bench.png"
+$MOEFX bench "$OUT" --batch 1,8 --seq 64 --json "$OUT-bench.json" --plot "$OUT-bench.png" --force

@@ -345,6 +345,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def test_cli_never_overwrites_a_file_without_force_nor_writes_into_the_model(converted_dir, tmp_path):
+    """`--json` over an existing file needs --force; into the model directory (its recipe.json, say) never."""
+    sizes = ["--batch", "1", "--seq", "4", "--runtimes", "torch", "--no-ffn", "--min-seconds", "0.01"]
+    existing = tmp_path / "b.json"
+    existing.write_text("keep")
+    result = _cli(str(converted_dir), *sizes, "--json", str(existing))
+    assert result.returncode == 2 and "already exists; pass --force" in result.stderr
+    assert existing.read_text() == "keep"
+    recipe = (converted_dir / "recipe.json").read_bytes()
+    result = _cli(str(converted_dir), *sizes, "--json", str(converted_dir / "recipe.json"), "--force")
+    assert result.returncode == 2 and "inside the model" in result.stderr
+    assert (converted_dir / "recipe.json").read_bytes() == recipe
+    result = _cli(str(converted_dir), *sizes, "--json", str(existing), "--force")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(existing.read_text())["format"] == "moefx-bench"
+
+
 def test_cli_writes_table_json_and_plot(converted_dir, tmp_path):
     result = _cli(str(converted_dir), "--batch", "1,2", "--seq", "4", "--runtimes", "torch", "--no-ffn",
                   "--min-seconds", "0.01", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))

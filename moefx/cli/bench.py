@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefx.errors import ConfigError
+from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
 from .convert import check_output_parent
@@ -64,6 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="models converted with --router task: the task whose route is timed")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow rebuilding a dense source saved as a pickled .pt (this runs code from the file)")
+    parser.add_argument("--force", action="store_true", help="replace the --json and --plot files if they exist")
     add_common_flags(parser)
     return parser
 
@@ -75,9 +76,15 @@ def run(args: argparse.Namespace) -> int:
     seqs = parse_int_list("--seq", args.seq)
     threads = parse_int_list("--threads", args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    for path in (args.json, args.plot):
-        if path is not None:
-            check_output_parent(path)  # before minutes of timing
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        model = Path(args.model).resolve()
+        if path.resolve() == model or model in path.resolve().parents:
+            raise MoefxError(f"{flag} {path}: inside the model {args.model}; write it somewhere else")
+        if path.exists() and not args.force:
+            raise OutputExistsError(f"{flag} {path}: already exists; pass --force to replace it")
+        check_output_parent(path)  # before minutes of timing
     if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     if not args.min_seconds > 0:

@@ -326,6 +326,37 @@ def test_bench_times_a_task_routed_model_on_the_task_given(tmp_path):
         run_bench(tmp_path / "tokens", runtimes=["torch"], task_id=0, **sizes)
 
 
+def test_bench_counts_the_ffn_of_a_model_captured_layer_by_layer(tmp_path):
+    """BERT's FFN spans two modules, so moefx captures the whole layer: the dense FFN FLOPs are its projections'
+    (per token and layer 2 * 32 * 64 * 2, not the attention's too), the MoE FFN FLOPs its router and two
+    upcycled experts per token (counted inside the captured graph), and the FFN is not timed alone."""
+    from conftest import tiny_hf_model
+
+    tiny_hf_model("bert").save_pretrained(tmp_path / "bert")
+    source = moefx.io.load_source(tmp_path / "bert")
+    moefx.save(moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict()),
+               tmp_path / "out")
+    report = run_bench(tmp_path / "out", batches=[2], seqs=[6], runtimes=["torch"], min_seconds=0.01, rounds=1)
+    assert report.costs["dense"]["ffn_flops_per_token"] == 2 * (2 * 32 * 64 * 2)
+    assert report.costs["moe"]["ffn_flops_per_token"] == 2 * (2 * 32 * 4 + 2 * (2 * 32 * 64 * 2))
+    assert [layer["flops"] for layer in report.costs["moe"]["moe_layers"]] == [12 * (256 + 16384)] * 2
+    assert {m.model for m in report.measurements} == {"dense", "moe"}
+    assert any("FFN alone not measured" in note for note in report.notes)
+
+
+def test_counting_torch_transformer_encoder_layers_in_eval_mode():
+    """nn.TransformerEncoderLayer's eval fast path is one fused op the counter does not see: counted on its
+    standard ops, per token and layer the in/out projections 2 * 32 * 128, the FFN 2 * 32 * 64 * 2 and
+    attention over 8 positions 2 * 4 heads * 8 * (8 + 8)."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ffn = [[f"layers.{i}.linear1", f"layers.{i}.linear2"] for i in range(2)]
+    cost = count_torch(encoder, (torch.randn(2, 8, 32),), ffn_modules=ffn)
+    assert cost.flops_per_token == 2 * (2 * 32 * 128 + 2 * 32 * 64 * 2 + 2 * 4 * 8 * 16)
+    assert cost.ffn_flops_per_token == 2 * (2 * 32 * 64 * 2) and cost.ffn_layers == 2
+    assert torch.backends.mha.get_fastpath_enabled()  # put back
+
+
 def test_counting_a_moe_layer_called_with_keywords():
     class Caller(nn.Module):
         def __init__(self) -> None:

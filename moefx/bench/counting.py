@@ -65,43 +65,61 @@ def _count_parameters(model: nn.Module) -> int:
 
 
 def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
-                ffn_modules: list[str] | None = None, tokens: int | None = None) -> ModelCost:
+                ffn_modules: list[str | list[str]] | None = None, tokens: int | None = None) -> ModelCost:
     """Count parameters and FLOPs of one forward ``model(*args, **kwargs)`` (run under no_grad).
 
     Args:
-        ffn_modules: qualified names of the dense FFN modules, whose FLOPs are reported as the FFN's; MoE
+        ffn_modules: the dense FFNs, whose FLOPs are reported as the FFN's: each the qualified name of its module,
+            or the list of its projection modules' names (an FFN whose module holds more than the FFN); MoE
             layers are found by themselves.
         tokens: tokens of the input (default: the rows the first FFN or MoE layer to run sees; in a model
             without one, the element count of the first integer input, else the product of all but the last
             dimension of the first tensor input).
     """
+    # nn.MultiheadAttention / nn.TransformerEncoderLayer in eval mode take a fused fast path the counter does
+    # not see (a dense nn.TransformerEncoder counted no FLOPs at all); count their standard ops instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _count_torch(model, args, kwargs or {}, ffn_modules, tokens)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _count_torch(model: nn.Module, args: tuple, kwargs: dict, ffn_modules: list[str | list[str]] | None,
+                 tokens: int | None) -> ModelCost:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..layers import MoELayer
 
-    kwargs = kwargs or {}
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
     records: dict[str, dict[str, Any]] = {}
-    stack: list[str] = []
+    stack: list[tuple[str, int]] = []  # the MoE layers being run, and the counter's total when each began
+
+    # Each MoE layer's FLOPs: the counter's total after its call less before (the counter's per-module split
+    # misses layers called from a captured graph, a BERT layer's say).
+    counter: Any = None
 
     def pre_hook(name):
         def hook(module, args, kwargs):
             x = _first_tensor(args, kwargs)
-            entry = records.setdefault(name, {"name": name, "tokens": 0, "assignments": 0, "calls": 0})
+            entry = records.setdefault(name, {"name": name, "tokens": 0, "assignments": 0, "calls": 0, "flops": 0})
             entry["tokens"] += 0 if x is None else x.numel() // x.shape[-1]
             entry["calls"] += 1
-            stack.append(name)
+            stack.append((name, counter.get_total_flops() if counter is not None else 0))
         return hook
 
     def post_hook(module, inputs, output):
-        stack.pop()
+        name, start = stack.pop()
+        if counter is not None:
+            records[name]["flops"] += counter.get_total_flops() - start
 
     def dispatch_formula(w1_at, assignments_of):
         def formula(*op_args, out_val=None, **op_kwargs):
             w1, w3, w2 = op_args[w1_at], op_args[w1_at + 2], op_args[w1_at + 4]
             assignments = assignments_of(op_args)
             if stack:
-                records[stack[-1]]["assignments"] += assignments
+                records[stack[-1][0]]["assignments"] += assignments
             return assignments * expert_flops(w1, w3, w2)
 
         formula._get_raw = True  # FlopCounterMode passes the real tensors, not their shapes
@@ -130,7 +148,9 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
         if x is not None and not ffn_rows:
             ffn_rows.append(x.numel() // x.shape[-1])
 
-    ffns = [m for _, m in layers] + [m for name, m in model.named_modules() if name and name in set(ffn_modules or ())]
+    ffn_groups = [[entry] if isinstance(entry, str) else list(entry) for entry in ffn_modules or ()]
+    named = set(names[0] for names in ffn_groups if names)
+    ffns = [m for _, m in layers] + [m for name, m in model.named_modules() if name and name in named]
     for module in ffns:
         handles.append(module.register_forward_pre_hook(count_rows, with_kwargs=True))
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
@@ -155,17 +175,17 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
     for name, layer in layers:
         bank = layer.experts
         per_expert = sum(t.numel() // bank.num_experts for t in bank.weights() if t is not None)
-        rec = records.get(name, {"tokens": 0, "assignments": 0, "calls": 0})
+        rec = records.get(name, {"tokens": 0, "assignments": 0, "calls": 0, "flops": 0})
         per_token = rec["assignments"] / rec["tokens"] if rec["tokens"] else 0.0
         active -= per_expert * bank.num_experts
         active += per_token * per_expert
         moe_info.append({"name": name, "tokens": rec["tokens"], "assignments": rec["assignments"],
                          "experts_per_token": per_token, "params_per_expert": per_expert,
-                         "flops": flops_of(name)})
+                         "flops": rec["flops"]})
     if layers:
-        ffn_flops: float | None = float(sum(flops_of(name) for name, _ in layers))
+        ffn_flops: float | None = float(sum(d["flops"] for d in moe_info))
     elif ffn_modules:
-        ffn_flops = float(sum(flops_of(name) for name in ffn_modules))
+        ffn_flops = float(sum(flops_of(name) for names in ffn_groups for name in names))
     else:
         ffn_flops = None
     return ModelCost(

@@ -174,7 +174,10 @@ def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, 
             dense_ffn = dense.get_submodule(first["name"])
         except AttributeError:
             layer = dense_ffn = None
-        if isinstance(layer, MoELayer) and dense_ffn is not None and _callable_on_hidden(dense_ffn, first):
+        if isinstance(layer, MoELayer) and dense_ffn is not None and not _only_the_ffn(dense_ffn, _info(moe, first)):
+            report.notes.append(f"FFN alone not measured: the dense FFN's projections are spread over "
+                                f"{first['name']!r}, which holds more than the FFN")
+        elif isinstance(layer, MoELayer) and dense_ffn is not None and _callable_on_hidden(dense_ffn, first):
             ffn_pair = (first, dense_ffn, layer)
         else:
             report.notes.append(f"FFN alone not measured: the dense FFN {first['name']!r} is not a module that "
@@ -190,7 +193,7 @@ def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, 
         args, kwargs = synthesize_inputs(dense, example, batches[0], s, seed=seed)
         moe_cost = count_torch(moe, args, kwargs)
         # Per token of the same count on both sides: the rows the MoE layers see.
-        dense_cost = count_torch(dense, args, kwargs, ffn_modules=[d["name"] for d in recipe["layers"]],
+        dense_cost = count_torch(dense, args, kwargs, ffn_modules=_dense_ffn_modules(dense, moe, recipe["layers"]),
                                  tokens=moe_cost.tokens)
         ideal[("model", s)] = dense_cost.flops_per_token / moe_cost.flops_per_token
         if s == seqs[0]:
@@ -264,6 +267,33 @@ def _check_runs(path: Path, model: nn.Module, example: Any, batch: int, seq: int
         raise MoefxError(f"{path}: the model does not run on batch {batch}, sequence {seq} ({_first_line(exc)}); "
                          "a model exported with fixed shapes (torch.export without dynamic shapes) runs only "
                          "those: pass them with --batch and --seq") from None
+
+
+def _info(moe: nn.Module, layer: dict[str, Any]) -> dict[str, Any]:
+    """The conversion's record of a recipe layer (it names the FFN's projections; the recipe does not)."""
+    layers = getattr(getattr(moe, "moefx_info", None), "layers", None) or []
+    return next((d for d in layers if d.get("name") == layer["name"]), layer)
+
+
+def _dense_ffn_modules(dense: nn.Module, moe: nn.Module, layers: list[dict[str, Any]]) -> list[str | list[str]]:
+    """What the dense model's FFN FLOPs are counted over: each FFN's projection modules (an FFN recorded under
+    the module that holds it, a whole BERT layer say, is not all FFN), else its module."""
+    modules = set(dict(dense.named_modules()))
+    names: list[str | list[str]] = []
+    for layer in layers:
+        projections = _info(moe, layer).get("projections") or []
+        names.append(projections if projections and set(projections) <= modules else layer["name"])
+    return names
+
+
+def _only_the_ffn(module: nn.Module, info: dict[str, Any]) -> bool:
+    """Whether every weight of ``module`` (the FFN's recorded module) belongs to the FFN's projections."""
+    projections = info.get("projections")
+    if not projections:
+        return True
+    prefix = f"{info['name']}." if info["name"] else ""
+    owners = {f"{prefix}{name}".rpartition(".")[0] for name, _ in module.named_parameters()}
+    return owners <= set(projections)
 
 
 def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:

@@ -32,7 +32,7 @@ from torch import nn
 from .activations import ACTIVATIONS
 from .calibrate import calibration_batches, record_ffns
 from .config import HEAL_STEPS
-from .errors import ConfigError
+from .errors import CalibrationError, ConfigError
 from .experts import layer_generator
 from .layers import ExpertBank, MoELayer
 from .passes.ffn_rules import FFNMatch
@@ -85,12 +85,22 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
         if layer.source not in matches:
             raise ConfigError(f"{name}: its dense FFN {layer.source!r} is not in the dense model; pass the "
                               "model it was converted from")
-        targets[name] = matches[layer.source]
+        match, bank = matches[layer.source], layer.experts
+        theirs = (match.activation, match.gated, match.in_features, match.out_features)
+        if theirs != (bank.activation, bank.gated, bank.in_features, bank.out_features):
+            raise ConfigError(f"{name}: its dense FFN {layer.source!r} is a {_describe(*theirs)} FFN in the dense "
+                              f"model but was a {_describe(bank.activation, bank.gated, bank.in_features, bank.out_features)} "
+                              "one when converted; pass the model it was converted from")
+        targets[name] = match
     batches = calibration_batches(calib, model, info.inputs, tokenizer=tokenizer)
     report = heal_layers(model, targets, batches, max_tokens=calib_tokens,
                          seed=info.config.seed if seed is None else seed, steps=steps)
     info.healing = report
     return report
+
+
+def _describe(activation: str, gated: bool, in_features: int, out_features: int) -> str:
+    return f"{in_features}->{out_features} {'gated ' if gated else ''}{activation}"
 
 
 def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
@@ -147,6 +157,8 @@ def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, m
         targets = {name: (match, layer_generator(config, i, stream=4)) for i, (name, match) in enumerate(dense.items())}
         samples = record_ffns(model, targets, batches, max_tokens=max_tokens, desc="recording layer inputs")
         inputs = {name: sample.inputs for name, sample in samples.items()}
+    for name in dense:
+        check_rows(name, inputs[name])
     report = []
     with progress(total=len(dense), desc="healing", unit="layer") as bar:
         for name, match in dense.items():
@@ -159,6 +171,18 @@ def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, m
     return report
 
 
+#: Rows a layer's sample needs: a tenth of them (at least one) is held out to judge each fit.
+MIN_ROWS = 10
+
+
+def check_rows(name: str, x: torch.Tensor) -> None:
+    """One clear error where a layer's sample is too small to hold rows out (a fit would be judged on the rows
+    it was fitted to, and always kept)."""
+    if x.shape[0] < MIN_ROWS:
+        raise CalibrationError(f"{name}: healing needs at least {MIN_ROWS} input rows per layer to hold a tenth out, "
+                               f"got {x.shape[0]}; pass more calibration data or a larger --calib-tokens")
+
+
 @torch.no_grad()
 def _heal_layer(layer: MoELayer, match: FFNMatch, x: torch.Tensor, steps: int, refit_router: bool) -> dict[str, Any]:
     was_training = layer.training
@@ -166,10 +190,8 @@ def _heal_layer(layer: MoELayer, match: FFNMatch, x: torch.Tensor, steps: int, r
     try:
         x = x.to(match.up_weight.dtype)
         y = _dense(match, x).float()
-        val = torch.arange(x.shape[0]) % 10 == 9  # every tenth row held out
-        if not bool(val.any()):
-            val = torch.ones(x.shape[0], dtype=torch.bool)
-        fit = ~val if bool((~val).any()) else val
+        val = torch.arange(x.shape[0]) % 10 == 9  # every tenth row held out (check_rows: there are >= 10)
+        fit = ~val
         before = _error(layer, x[val], y[val])
         result = {"error_before": before, "tokens": int(x.shape[0])}
         if before <= EXACT:

@@ -535,6 +535,10 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
         if heal_inputs is None:
             raise ConfigError("healing fits the MoE layers to the dense FFNs on calibration data; pass heal_inputs= "
                               "(--calib FILE)")
+        from .heal import check_rows
+
+        for name, sample in heal_inputs.items():
+            check_rows(name, sample.inputs)
     samples = dict(calibration or {})
     if heal_steps is not None and heal_inputs is not calibration:  # (a calibrated split heals on its calibration)
         samples.update({f"heal:{k}": v for k, v in heal_inputs.items()})

@@ -357,8 +357,8 @@ def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
 
 
 def test_healing_refuses_a_dense_model_that_is_not_the_source():
-    """Another checkpoint of the same architecture, or the source in another dtype: one clear error, and the
-    converted model is left as it was."""
+    """Another checkpoint of the same architecture, the source in another dtype, or with another activation:
+    one clear error, and the converted model is left as it was."""
     dense = tiny_hf_model("llama")
     moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2))
     before = {k: v.clone() for k, v in moe.state_dict().items()}
@@ -366,8 +366,26 @@ def test_healing_refuses_a_dense_model_that_is_not_the_source():
         moefx.heal(moe, _ids(4, batch=8), dense=tiny_hf_model("llama", seed=1))
     with pytest.raises(ConfigError, match=r"dense model is in bfloat16 .* pass the dense model in the converted"):
         moefx.heal(moe, _ids(4, batch=8), dense=copy.deepcopy(dense).to(torch.bfloat16))
+    relu = copy.deepcopy(dense)  # the same weights, another activation
+    for layer in relu.model.layers:
+        layer.mlp.act_fn = torch.nn.ReLU()
+    with pytest.raises(ConfigError, match=r"is a 32->32 gated relu FFN in the dense model but was a 32->32 gated silu"):
+        moefx.heal(moe, _ids(4, batch=8), dense=relu)
     assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
     assert moefx.heal(moe, _ids(4, batch=8), dense=dense, steps=0)  # the source itself
+
+
+def test_healing_needs_rows_to_hold_out():
+    """Fewer than 10 rows per layer: no tenth to hold out, so a fit would be judged on its own rows (and kept)."""
+    from moefx.errors import CalibrationError
+
+    dense = tiny_hf_model("llama")
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2))
+    with pytest.raises(CalibrationError, match="at least 10 input rows per layer .* got 3"):
+        moefx.heal(moe, _ids(4, batch=8), dense=dense, calib_tokens=3)
+    with pytest.raises(CalibrationError, match="at least 10 input rows"):
+        moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2), calib=_ids(4, batch=8), heal=True,
+                      calib_tokens=3)
 
 
 def test_healing_accepts_the_source_when_its_checkpoint_lacks_a_head(tmp_path):

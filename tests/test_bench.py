@@ -357,6 +357,19 @@ def test_counting_torch_transformer_encoder_layers_in_eval_mode():
     assert torch.backends.mha.get_fastpath_enabled()  # put back
 
 
+def test_bench_tokens_of_an_image_model_are_its_patches(tmp_path):
+    """A ViT (16 patches and a class token per image) is timed per token of its patches, whatever --seq says."""
+    from conftest import tiny_hf_model
+
+    tiny_hf_model("vit").save_pretrained(tmp_path / "vit")
+    source = moefx.io.load_source(tmp_path / "vit")
+    moefx.save(moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict()),
+               tmp_path / "out")
+    report = run_bench(tmp_path / "out", batches=[1, 3], seqs=[128], runtimes=["torch"], ffn=False,
+                       min_seconds=0.01, rounds=1)
+    assert {(m.batch, m.tokens) for m in report.measurements} == {(1, 17), (3, 51)}
+
+
 def test_counting_a_moe_layer_called_with_keywords():
     class Caller(nn.Module):
         def __init__(self) -> None:

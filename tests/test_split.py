@@ -381,7 +381,7 @@ def test_healing_needs_rows_to_hold_out():
 
     dense = tiny_hf_model("llama")
     moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2))
-    with pytest.raises(CalibrationError, match="at least 10 input rows per layer .* got 3"):
+    with pytest.raises(CalibrationError, match=r"at least 10 input rows per layer .* got 3"):
         moefx.heal(moe, _ids(4, batch=8), dense=dense, calib_tokens=3)
     with pytest.raises(CalibrationError, match="at least 10 input rows"):
         moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2), calib=_ids(4, batch=8), heal=True,

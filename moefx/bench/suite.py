@@ -189,6 +189,7 @@ def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, 
     # Costs at the first batch size and each sequence length (FLOPs per token depend on the length through
     # attention, not on the batch).
     ideal: dict[tuple[str, int], float] = {}
+    per_example: dict[int, float] = {}  # tokens per example of the whole model, by sequence length
     for s in seqs:
         args, kwargs = synthesize_inputs(dense, example, batches[0], s, seed=seed)
         moe_cost = count_torch(moe, args, kwargs)
@@ -196,6 +197,7 @@ def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, 
         dense_cost = count_torch(dense, args, kwargs, ffn_modules=_dense_ffn_modules(dense, moe, recipe["layers"]),
                                  tokens=moe_cost.tokens)
         ideal[("model", s)] = dense_cost.flops_per_token / moe_cost.flops_per_token
+        per_example[s] = moe_cost.tokens / batches[0]  # a ViT's patches, whatever --seq says
         if s == seqs[0]:
             report.costs["dense"] = dense_cost.to_dict()
             report.costs["moe"] = moe_cost.to_dict()
@@ -244,8 +246,9 @@ def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, 
                                               rounds=rounds, min_seconds=min_seconds)
                         prefix = "" if scope == "model" else "ffn-"
                         for (m, r), _ in candidates.items():
+                            tokens = round(b * per_example[s]) if scope == "model" else b * s
                             report.measurements.append(_measurement(prefix + m, r, t, b, s, timings[f"{m}/{r}"],
-                                                                    memory[(m, r)]))
+                                                                    memory[(m, r)], tokens))
                         report.speedups += _speedups(scope, candidates, timings, t, b, s, ideal.get((scope, s)))
                 bar.update(1)
     report.notes.append("dense weights are the dense architecture rebuilt from the recipe (random weights: "
@@ -343,8 +346,9 @@ def _task_feed(session, args: tuple, kwargs: dict, names: list, task_id: int | N
                      [*names, TASK_IDS_INPUT] if names and TASK_IDS_INPUT not in names else names)
 
 
-def _measurement(model, runtime, threads, batch, seq, timing, peak_mb) -> Measurement:
-    tokens = batch * seq
+def _measurement(model, runtime, threads, batch, seq, timing, peak_mb, tokens: int | None = None) -> Measurement:
+    """``tokens``: of the whole batch (default ``batch * seq``)."""
+    tokens = batch * seq if tokens is None else tokens
     return Measurement(model, runtime, threads, batch, seq, tokens, timing.p50 * 1e3, timing.p90 * 1e3,
                        timing.p99 * 1e3, len(timing.samples), peak_mb)
 

@@ -268,8 +268,8 @@ def _check_runs(path: Path, model: nn.Module, example: Any, batch: int, seq: int
         raise
     except Exception as exc:
         raise MoefxError(f"{path}: the model does not run on batch {batch}, sequence {seq} ({_first_line(exc)}); "
-                         "a model exported with fixed shapes (torch.export without dynamic shapes) runs only "
-                         "those: pass them with --batch and --seq") from None
+                         "pass sizes it takes with --batch and --seq: a sequence within its maximum length, or the "
+                         "shapes a program exported with fixed shapes was exported at") from None
 
 
 def _info(moe: nn.Module, layer: dict[str, Any]) -> dict[str, Any]:

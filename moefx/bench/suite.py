@@ -294,9 +294,10 @@ def _only_the_ffn(module: nn.Module, info: dict[str, Any]) -> bool:
     projections = info.get("projections")
     if not projections:
         return True
-    prefix = f"{info['name']}." if info["name"] else ""
-    owners = {f"{prefix}{name}".rpartition(".")[0] for name, _ in module.named_parameters()}
-    return owners <= set(projections)
+    prefix, projections = f"{info['name']}." if info["name"] else "", set(projections)
+    # a projection is a module (its weight and bias belong to it) or, for a functional FFN, a parameter
+    return all(f"{prefix}{name}" in projections or f"{prefix}{name}".rpartition(".")[0] in projections
+               for name, _ in module.named_parameters())
 
 
 def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:

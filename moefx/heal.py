@@ -112,8 +112,8 @@ def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
     dtypes = [next((p.dtype for p in m.parameters() if p.is_floating_point()), None) for m in (model, dense)]
     if None not in dtypes and dtypes[0] != dtypes[1]:
         raise ConfigError(f"the dense model is in {str(dtypes[1]).removeprefix('torch.')} and the converted one in "
-                          f"{str(dtypes[0]).removeprefix('torch.')}: pass the dense model in the converted "
-                          f"model's dtype (dense.to({dtypes[0]}))")
+                          f"{str(dtypes[0]).removeprefix('torch.')}: pass the dense model in "
+                          f"{str(dtypes[0]).removeprefix('torch.')} (from Python: dense.to({dtypes[0]}))")
     theirs = dict(dense.state_dict())
     compared = differing = 0
     differ: list[str] = []
@@ -122,8 +122,11 @@ def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
         if other is None or other.shape != mine.shape or not mine.is_floating_point() or mine.is_meta or other.is_meta:
             continue
         compared += mine.numel()
-        a, b = mine.detach().double(), other.detach().to(mine.dtype).double()
-        if not torch.equal(a, b) and float((a - b).norm()) > 1e-3 * float(b.norm()):
+        other = other.detach().to(mine.dtype)
+        if torch.equal(mine, other):
+            continue
+        a, b = mine.detach().double(), other.double()  # copies only of the weights that differ at all
+        if float((a - b).norm()) > 1e-3 * float(b.norm()):
             differing += mine.numel()
             differ.append(name)
     if not compared:

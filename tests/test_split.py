@@ -364,7 +364,7 @@ def test_healing_refuses_a_dense_model_that_is_not_the_source():
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     with pytest.raises(ConfigError, match=r"not the one this model was converted from: its 'model\.embed_tokens"):
         moefx.heal(moe, _ids(4, batch=8), dense=tiny_hf_model("llama", seed=1))
-    with pytest.raises(ConfigError, match=r"dense model is in bfloat16 .* pass the dense model in the converted"):
+    with pytest.raises(ConfigError, match=r"dense model is in bfloat16 .* pass the dense model in float32"):
         moefx.heal(moe, _ids(4, batch=8), dense=copy.deepcopy(dense).to(torch.bfloat16))
     relu = copy.deepcopy(dense)  # the same weights, another activation
     for layer in relu.model.layers:

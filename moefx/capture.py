@@ -119,10 +119,18 @@ def call_key(leaves: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            parts.append(("T", leaf.dim(), leaf.dtype, leaf.device.type, tuple(s <= 1 for s in leaf.shape)))
+            # (a symbolic size, under a trace of the whole model, counts as neither: see CapturedModule._bind)
+            ones = tuple(isinstance(s, int) and s <= 1 for s in leaf.shape)
+            parts.append(("T", leaf.dim(), leaf.dtype, leaf.device.type, ones))
         else:
             parts.append(("C", repr(leaf)))
     return (training, str(spec), tuple(parts))
+
+
+def _symbolic(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor of the call has a symbolic size (the call is being traced)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    return any(not isinstance(s, int) for t in leaves if isinstance(t, torch.Tensor) for s in t.shape)
 
 
 def _general_key(key: tuple) -> tuple:
@@ -252,6 +260,10 @@ class CapturedModule(nn.Module):
         gm = self._graphs.get(key)
         if gm is None:
             gm = self._graphs.get(_general_key(key))
+        if gm is None and _symbolic(args, kwargs):
+            # Traced with symbolic sizes (torch.export / ONNX export of the whole model): any graph of this input
+            # structure, whatever sizes it was captured at, is what the trace inlines.
+            gm = next((g for k, g in self._graphs.items() if _general_key(k) == _general_key(key)), None)
         if gm is None:
             gm = self._recapture(key, args, kwargs)
         # Bind every attribute the graph reads to *this* module's current objects (not the capture's).

@@ -239,12 +239,14 @@ class Workspace:
                *(["--trust-remote-code"] if trust else [])]
         return Invocation(cli, lambda: api_export(model, out, force=force, trust_remote_code=trust, **options))
 
-    def bench(self, model: str | Path, *, json_out: Path | None = None, **sizes: Any) -> Invocation:
+    def bench(self, model: str | Path, *, json_out: Path | None = None, force: bool = False, **sizes: Any) -> Invocation:
         cli = ["bench", str(model), "--runtimes", "torch", "--no-ffn", "--min-seconds", "0.01"]
         cli += ["--batch", ",".join(map(str, sizes.get("batches", [1]))),
                 "--seq", ",".join(map(str, sizes.get("seqs", [4])))]
         if json_out is not None:
             cli += ["--json", str(json_out)]
+        if force:
+            cli += ["--force"]
         return Invocation(cli, lambda: api_bench(model, json_out=json_out, **sizes))
 
     def partition(self, model: str | Path, *, out: Path | None = None, devices: int = 2,
@@ -756,7 +758,7 @@ def disk_full(ws, command):
         run = ws.partition(ws.assets.converted, out=out, force=True)
     else:
         out = ws.existing("bench.json", directory=False)
-        run = ws.bench(ws.assets.converted, json_out=out)
+        run = ws.bench(ws.assets.converted, json_out=out, force=True)
     limit = 256 if command == "bench" else _FULL_DISK  # the JSON report of one measurement is about 2 KB
     return expect(run, MoefxError, out.name, "File too large", "nothing was changed", file_size_limit=limit)
 

@@ -268,7 +268,8 @@ def _pieces(counts: list[int], parts: int) -> list[tuple[int, int]]:
             range(first + 1, n), True, key=lambda i: operator.ge(*sides(bounds[i], i, False)))
         candidates = [(bounds[j], j, False) for j in (i - 1, i) if lo < bounds[j] < total]
         c = i - 1  # the expert between those boundaries; inside it, a(p) = b(p) at:
-        p = round(((left - 1) * (lo - _CHAIN_ROWS * (c - first + 1)) + total + _CHAIN_ROWS * (n - c)) / left)
+        p = round(((left - 1) * (lo - _CHAIN_ROWS * (c - first + 1)) + total + _CHAIN_ROWS * (n - c + left - 2))
+                  / left)
         if max(lo, bounds[c]) < p < bounds[c + 1]:
             candidates.append((p, c, True))
         if candidates:

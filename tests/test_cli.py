@@ -170,6 +170,16 @@ BAD_CASES = {
     "unknown router": (["convert", "toy_models:stack_of_mlps", "--router", "nope"], ["'nope'", "choose one of", "topk"]),
     "not an int": (["convert", "toy_models:stack_of_mlps", "--experts", "many"], ["invalid int value"]),
     "bad factory": (["convert", "toy_models:does_not_exist"], ["has no attribute"]),
+    "lora rank without lora": (["convert", "toy_models:stack_of_mlps", "--lora-rank", "4", "-o", "{tmp}/o"],
+                               ["--lora-rank only applies with --init lora (init is 'upcycle')"]),
+    "noise without upcycle": (["convert", "toy_models:stack_of_mlps", "--init", "random", "--init-noise", "0.1",
+                               "-o", "{tmp}/o"], ["--init-noise only applies with --init upcycle"]),
+    "heal steps without heal": (["convert", "toy_models:stack_of_mlps", "--heal-steps", "5", "-o", "{tmp}/o"],
+                                ["--heal-steps only applies with --heal"]),
+    "calib tokens without calib": (["convert", "toy_models:stack_of_mlps", "--calib-tokens", "5", "-o", "{tmp}/o"],
+                                   ["--calib-tokens only applies with --calib FILE"]),
+    "shard size without stream": (["convert", "toy_models:stack_of_mlps", "--max-shard-size", "1MB",
+                                   "-o", "{tmp}/o"], ["--max-shard-size only applies with --stream"]),
 }
 
 

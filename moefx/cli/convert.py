@@ -80,7 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--stream", action="store_true",
                         help="convert a Hugging Face safetensors directory one layer at a time, in bounded memory "
                              "(resumes an interrupted run)")
-    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+    parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
                         help="--stream: largest output shard (default 5GB)")
     routing = parser.add_argument_group("routing")
     routing.add_argument("--router", default="topk", help=f"router: {', '.join(ROUTERS)} (default topk)")
@@ -108,8 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="LIMoE threshold: stop pushing global entropy above it")
     experts = parser.add_argument_group("experts")
     experts.add_argument("--init", default="upcycle", help=f"expert init: {', '.join(EXPERT_INITS)} (default upcycle)")
-    experts.add_argument("--init-noise", type=float, default=0.0, metavar="STD",
-                         help="relative noise added to upcycled experts to break symmetry")
+    experts.add_argument("--init-noise", type=float, default=None, metavar="STD",
+                         help="upcycle: relative noise added to the experts to break symmetry (default 0)")
     experts.add_argument("--expert-size", type=int, default=None, metavar="I",
                          help="hidden size of each expert (default: the dense FFN's)")
     experts.add_argument("--partition", default=None, choices=sorted(PARTITIONS),
@@ -117,18 +117,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               "cluster without)")
     experts.add_argument("--shared-experts", type=int, default=0, metavar="S",
                          help="split: expert-sized groups of the most active neurons made one always-on expert")
-    experts.add_argument("--lora-rank", type=int, default=8, metavar="R", help="lora: rank of each expert's adapters")
+    experts.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                         help="lora: rank of each expert's adapters (default 8)")
     experts.add_argument("--seed", type=int, default=0)
     calib = parser.add_argument_group("calibration (split statistics, healing)")
     calib.add_argument("--calib", type=Path, default=None, metavar="FILE",
                        help="calibration data: .txt (one example per line, the model's tokenizer), or a .pt/"
                             ".safetensors tensor of examples (or a dict of input tensors)")
-    calib.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+    calib.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                        help="at most N sampled input rows per FFN are kept (default 16384)")
     calib.add_argument("--heal", action="store_true",
                        help="fit each MoE layer to its dense FFN on the calibration data (layer-wise distillation)")
-    calib.add_argument("--heal-steps", type=int, default=HEAL_STEPS, metavar="N",
-                       help="Adam steps per layer when healing (default %(default)s; 0: split layers get least squares only)")
+    calib.add_argument("--heal-steps", type=int, default=None, metavar="N",
+                       help=f"Adam steps per layer when healing (default {HEAL_STEPS}; 0: split layers get least "
+                            "squares only)")
     add_selection_flags(parser)
     add_common_flags(parser)
     return parser
@@ -152,11 +154,11 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
             num_tasks=getattr(args, "num_tasks", None),
             allow_noncausal=getattr(args, "allow_noncausal", False),
             init=getattr(args, "init", "upcycle"),
-            init_noise=getattr(args, "init_noise", 0.0),
+            init_noise=getattr(args, "init_noise", None) or 0.0,
             expert_size=getattr(args, "expert_size", None),
             partition=getattr(args, "partition", None),
             shared_experts=getattr(args, "shared_experts", 0),
-            lora_rank=getattr(args, "lora_rank", 8),
+            lora_rank=getattr(args, "lora_rank", None) or 8,
             seed=getattr(args, "seed", 0),
             every=args.every,
             last=args.last,
@@ -165,6 +167,23 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
         )
     except ConfigError as exc:
         raise ConfigError(_in_flag_terms(str(exc))) from None
+
+
+def _check_flags_apply(args: argparse.Namespace) -> None:
+    """One clear error for a flag that would do nothing here; then the defaults of those left unset."""
+    unused = [
+        ("--lora-rank", args.lora_rank, args.init == "lora", f"--init lora (init is {args.init!r})"),
+        ("--init-noise", args.init_noise, args.init == "upcycle", f"--init upcycle (init is {args.init!r})"),
+        ("--heal-steps", args.heal_steps, args.heal, "--heal"),
+        ("--calib-tokens", args.calib_tokens, args.calib is not None, "--calib FILE"),
+        ("--max-shard-size", args.max_shard_size, args.stream, "--stream"),
+    ]
+    for flag, value, applies, needs in unused:
+        if value is not None and not applies:
+            raise ConfigError(f"{flag} only applies with {needs}; drop it, or add {needs.split(' (')[0]}")
+    args.heal_steps = HEAL_STEPS if args.heal_steps is None else args.heal_steps
+    args.calib_tokens = 16384 if args.calib_tokens is None else args.calib_tokens
+    args.max_shard_size = "5GB" if args.max_shard_size is None else args.max_shard_size
 
 
 def _in_flag_terms(message: str) -> str:
@@ -218,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_parent(out)
     if args.heal and args.calib is None:
         raise ConfigError("--heal fits the MoE layers to the dense FFNs on calibration data; pass --calib FILE")
+    _check_flags_apply(args)
     if args.calib_tokens < 1:
         raise ConfigError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
     if args.heal_steps < 0:

@@ -170,6 +170,8 @@ BAD_CASES = {
     "unknown router": (["convert", "toy_models:stack_of_mlps", "--router", "nope"], ["'nope'", "choose one of", "topk"]),
     "not an int": (["convert", "toy_models:stack_of_mlps", "--experts", "many"], ["invalid int value"]),
     "bad factory": (["convert", "toy_models:does_not_exist"], ["has no attribute"]),
+    "lora rank zero": (["convert", "toy_models:stack_of_mlps", "--init", "lora", "--lora-rank", "0", "-o", "{tmp}/o"],
+                       ["--lora-rank must be at least 1"]),
     "lora rank without lora": (["convert", "toy_models:stack_of_mlps", "--lora-rank", "4", "-o", "{tmp}/o"],
                                ["--lora-rank only applies with --init lora (init is 'upcycle')"]),
     "noise without upcycle": (["convert", "toy_models:stack_of_mlps", "--init", "random", "--init-noise", "0.1",

@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from moefx.config import EXPERT_INITS, HEAL_STEPS, PARTITIONS, ROUTERS, MoEConfig
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
@@ -154,11 +155,11 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
             num_tasks=getattr(args, "num_tasks", None),
             allow_noncausal=getattr(args, "allow_noncausal", False),
             init=getattr(args, "init", "upcycle"),
-            init_noise=getattr(args, "init_noise", None) or 0.0,
+            init_noise=_given(args, "init_noise", 0.0),
             expert_size=getattr(args, "expert_size", None),
             partition=getattr(args, "partition", None),
             shared_experts=getattr(args, "shared_experts", 0),
-            lora_rank=getattr(args, "lora_rank", None) or 8,
+            lora_rank=_given(args, "lora_rank", 8),
             seed=getattr(args, "seed", 0),
             every=args.every,
             last=args.last,
@@ -167,6 +168,12 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
         )
     except ConfigError as exc:
         raise ConfigError(_in_flag_terms(str(exc))) from None
+
+
+def _given(args: argparse.Namespace, name: str, default: Any) -> Any:
+    """A flag's value, or ``default`` where it was not given (or the command has no such flag)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 def _check_flags_apply(args: argparse.Namespace) -> None:

@@ -401,6 +401,8 @@ def test_cli_never_overwrites_a_file_without_force_nor_writes_into_the_model(con
     result = _cli(str(converted_dir), *sizes, "--json", str(converted_dir / "recipe.json"), "--force")
     assert result.returncode == 2 and "inside the model" in result.stderr
     assert (converted_dir / "recipe.json").read_bytes() == recipe
+    result = _cli(str(converted_dir), *sizes, "--json", str(tmp_path / "b.png"), "--plot", str(tmp_path / "b.png"))
+    assert result.returncode == 2 and "name the same file" in result.stderr
     result = _cli(str(converted_dir), *sizes, "--json", str(existing), "--force")
     assert result.returncode == 0, result.stderr
     assert json.loads(existing.read_text())["format"] == "moefx-bench"

@@ -170,6 +170,8 @@ BAD_CASES = {
     "unknown router": (["convert", "toy_models:stack_of_mlps", "--router", "nope"], ["'nope'", "choose one of", "topk"]),
     "not an int": (["convert", "toy_models:stack_of_mlps", "--experts", "many"], ["invalid int value"]),
     "bad factory": (["convert", "toy_models:does_not_exist"], ["has no attribute"]),
+    "calibration nothing uses": (["convert", "toy_models:stack_of_mlps", "--calib", "{tmp}/c.pt", "-o", "{tmp}/o"],
+                                 ["--calib only applies with --init split or --heal"]),
     "lora rank zero": (["convert", "toy_models:stack_of_mlps", "--init", "lora", "--lora-rank", "0", "-o", "{tmp}/o"],
                        ["--lora-rank must be at least 1"]),
     "lora rank without lora": (["convert", "toy_models:stack_of_mlps", "--lora-rank", "4", "-o", "{tmp}/o"],

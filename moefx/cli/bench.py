@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     seqs = parse_int_list("--seq", args.seq)
     threads = parse_int_list("--threads", args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        raise MoefxError(f"--json and --plot name the same file {args.json}; give each its own")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is None:
             continue

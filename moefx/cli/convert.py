@@ -182,6 +182,7 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
         ("--lora-rank", args.lora_rank, args.init == "lora", f"--init lora (init is {args.init!r})"),
         ("--init-noise", args.init_noise, args.init == "upcycle", f"--init upcycle (init is {args.init!r})"),
         ("--heal-steps", args.heal_steps, args.heal, "--heal"),
+        ("--calib", args.calib, args.init == "split" or args.heal, "--init split or --heal"),
         ("--calib-tokens", args.calib_tokens, args.calib is not None, "--calib FILE"),
         ("--max-shard-size", args.max_shard_size, args.stream, "--stream"),
     ]

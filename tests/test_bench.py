@@ -383,6 +383,21 @@ def test_counting_a_moe_layer_called_with_keywords():
     assert cost.tokens == 10 and cost.moe_layers[0]["assignments"] == 20
 
 
+def test_bench_an_exported_onnx_file_at_other_sizes(tmp_path):
+    """An exported model's batch and sequence axes are dynamic and its feature axis keeps its size (it stayed
+    symbolic where no op tied it to a weight, and bench made up 1 for it: ONNX Runtime then failed)."""
+    import onnx
+
+    source = moefx.io.load_source("toy_models:stack_of_mlps")
+    moe = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), *source.example_inputs[:1])
+    moefx.export_onnx(moe, None, tmp_path / "m.onnx", verify=False)
+    [x] = onnx.load(str(tmp_path / "m.onnx")).graph.input
+    dims = [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[1], str) and dims[2] == 16
+    report = run_bench(tmp_path / "m.onnx", batches=[1, 3], seqs=[7], min_seconds=0.01, rounds=1)
+    assert {(m.batch, m.seq) for m in report.measurements} == {(1, 7), (3, 7)}
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(TESTS), MOEFX_QUIET="1")
     return subprocess.run([sys.executable, "-m", "moefx.cli", "bench", *args], capture_output=True, text=True,

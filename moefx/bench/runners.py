@@ -188,7 +188,8 @@ def synthesize_onnx_feed(session: Any, batch: int, seq: int, *, seed: int = 0) -
 
 
 def export_dense_onnx(model: nn.Module, args: tuple, kwargs: dict, path: str | Path) -> list[str]:
-    """Export a (dense) model with ``torch.onnx.export(dynamo=True)``, every tensor input's axes dynamic.
+    """Export a (dense) model with ``torch.onnx.export(dynamo=True)``, batch and sequence axes dynamic (the first
+    two of every tensor input), as moefx's own export does.
 
     Returns the graph's input names (one per tensor input, in order).
     """
@@ -197,7 +198,8 @@ def export_dense_onnx(model: nn.Module, args: tuple, kwargs: dict, path: str | P
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     names = _leaf_names(model, args, kwargs)
-    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
+    dims = tuple({i: torch.export.Dim.AUTO if i < 2 else torch.export.Dim.STATIC for i in range(t.dim())}
+                 for t in tensors)
     shim = set_mode(_FlatCall(model, leaves, spec), False)
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir",
                                             "torch.fx.experimental.symbolic_shapes")]

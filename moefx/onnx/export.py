@@ -387,7 +387,10 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
     if tasks is not None:
         tensors += (tasks,)
         input_names = _unique([*input_names, TASK_IDS_INPUT])
-    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
+    # Batch and sequence (the first two axes) dynamic; the rest as in the example (a feature axis that no op
+    # ties to a weight would otherwise stay symbolic, and ONNX Runtime users could not tell its size).
+    dims = tuple({i: torch.export.Dim.AUTO if i < 2 else torch.export.Dim.STATIC for i in range(t.dim())}
+                 for t in tensors)
     dispatches: dict[str, tuple[str, Lowering]] = {}
     table = {**ATEN_TRANSLATIONS,
              **{op: _bind_translation(op, fn, options, dispatches) for op, fn in TRANSLATIONS.items()}}

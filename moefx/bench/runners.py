@@ -194,12 +194,12 @@ def export_dense_onnx(model: nn.Module, args: tuple, kwargs: dict, path: str | P
     Returns the graph's input names (one per tensor input, in order).
     """
     from ..capture import _FlatCall
+    from ..onnx.export import export_dims
 
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     names = _leaf_names(model, args, kwargs)
-    dims = tuple({i: torch.export.Dim.AUTO if i < 2 else torch.export.Dim.STATIC for i in range(t.dim())}
-                 for t in tensors)
+    dims = export_dims(tensors)
     shim = set_mode(_FlatCall(model, leaves, spec), False)
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir",
                                             "torch.fx.experimental.symbolic_shapes")]

@@ -375,6 +375,14 @@ def _output_names(reference: Any) -> list[str] | None:
 # -- torch.onnx.export -----------------------------------------------------------------------------------
 
 
+def export_dims(tensors: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
+    """``torch.onnx.export``'s dynamic shapes for these inputs: batch and sequence (the first two axes) dynamic,
+    the rest as in the example (a feature axis that no op ties to a weight would otherwise stay symbolic, and
+    ONNX Runtime users could not tell its size)."""
+    return tuple({i: torch.export.Dim.AUTO if i < 2 else torch.export.Dim.STATIC for i in range(t.dim())}
+                 for t in tensors)
+
+
 def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: Any, options: ExportOptions,
                        opset: int | None, tasks: torch.Tensor | None = None,
                        ) -> tuple[ir.Model, list[str], dict[str, tuple[str, Lowering]]]:
@@ -387,10 +395,7 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
     if tasks is not None:
         tensors += (tasks,)
         input_names = _unique([*input_names, TASK_IDS_INPUT])
-    # Batch and sequence (the first two axes) dynamic; the rest as in the example (a feature axis that no op
-    # ties to a weight would otherwise stay symbolic, and ONNX Runtime users could not tell its size).
-    dims = tuple({i: torch.export.Dim.AUTO if i < 2 else torch.export.Dim.STATIC for i in range(t.dim())}
-                 for t in tensors)
+    dims = export_dims(tensors)
     dispatches: dict[str, tuple[str, Lowering]] = {}
     table = {**ATEN_TRANSLATIONS,
              **{op: _bind_translation(op, fn, options, dispatches) for op, fn in TRANSLATIONS.items()}}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ACTIVATIONS
+from .config import CALIB_TOKENS
 from .errors import CalibrationError
 from .io import set_mode
 from .passes.ffn_rules import FFNMatch
@@ -470,7 +471,7 @@ def record_ffns(
     targets: dict[str, tuple[FFNMatch, torch.Generator]],
     batches: Iterable[Batch],
     *,
-    max_tokens: int = 16384,
+    max_tokens: int = CALIB_TOKENS,
     desc: str = "calibrating",
 ) -> dict[str, LayerSample]:
     """Run ``batches`` through ``model`` with the module at each qualified name in ``targets`` replaced by a

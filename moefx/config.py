@@ -45,6 +45,9 @@ PARTITIONS: dict[str, str] = {
 #: Adam steps per MoE layer when healing (``moefx.heal``, ``--heal-steps``).
 HEAL_STEPS = 400
 
+#: Calibration input rows sampled per FFN at most (``calib_tokens``, ``--calib-tokens``).
+CALIB_TOKENS = 16384
+
 
 @dataclass(frozen=True)
 class MoEConfig:

@@ -30,7 +30,7 @@ from .capture import (
     record_sample_pass,
     weight_like,
 )
-from .config import HEAL_STEPS, MoEConfig, select_layers
+from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig, select_layers
 from .errors import ConfigError, MoefxError, NoFFNFoundError
 from .experts import build_moe_layer, layer_generator
 from .layers import MoELayer
@@ -307,7 +307,7 @@ def convert(
     initialize: bool = True,
     source: dict[str, Any] | None = None,
     calib: Any = None,
-    calib_tokens: int = 16384,
+    calib_tokens: int = CALIB_TOKENS,
     tokenizer: Any = None,
     heal: bool = False,
     heal_steps: int = HEAL_STEPS,

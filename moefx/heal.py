@@ -31,7 +31,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS
 from .calibrate import calibration_batches, record_ffns
-from .config import HEAL_STEPS
+from .config import CALIB_TOKENS, HEAL_STEPS
 from .errors import CalibrationError, ConfigError
 from .experts import layer_generator
 from .layers import ExpertBank, MoELayer
@@ -47,7 +47,7 @@ log = logging.getLogger("moefx")
 EXACT = 1e-10
 
 
-def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_tokens: int = 16384,
+def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_tokens: int = CALIB_TOKENS,
          tokenizer: Any = None, seed: int | None = None, steps: int = HEAL_STEPS,
          trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """Fit every MoE layer of a converted ``model`` to its dense FFN on calibration data, in place.
@@ -141,7 +141,7 @@ def _check_is_source(model: nn.Module, dense: nn.Module) -> None:
                     len(differ), ", ".join(differ[:3]), ", ..." if len(differ) > 3 else "")
 
 
-def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, max_tokens: int = 16384,
+def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, max_tokens: int = CALIB_TOKENS,
                 seed: int = 0, steps: int = HEAL_STEPS, inputs: dict[str, torch.Tensor] | None = None,
                 routers_fitted: bool = False) -> list[dict[str, Any]]:
     """Heal the MoE layers at the qualified names of ``dense`` (name -> its dense FFN), in place.

@@ -54,7 +54,7 @@ from .checkpoint import (
     shard_names,
     write_index,
 )
-from .config import MoEConfig
+from .config import CALIB_TOKENS, MoEConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError, MoefxError, OutputExistsError
 from .progress import progress
 from .split import check_partition
@@ -476,7 +476,7 @@ def _prepare_work_dir(plan: StreamPlan, work: Path) -> dict[str, Any]:
     return state
 
 
-def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = 16384,
+def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = CALIB_TOKENS,
                      tokenizer: Any = None, for_healing: bool = False) -> dict[str, LayerSample]:
     """Calibration statistics for ``plan``'s FFNs in bounded memory: the calibration batches go through the
     model one decoder layer at a time (:class:`~moefx.layerwise.LayerwiseRunner`), and each FFN keeps the same

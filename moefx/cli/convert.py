@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from moefx.config import EXPERT_INITS, HEAL_STEPS, PARTITIONS, ROUTERS, MoEConfig
+from moefx.config import CALIB_TOKENS, EXPERT_INITS, HEAL_STEPS, PARTITIONS, ROUTERS, MoEConfig
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -126,7 +126,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="calibration data: .txt (one example per line, the model's tokenizer), or a .pt/"
                             ".safetensors tensor of examples (or a dict of input tensors)")
     calib.add_argument("--calib-tokens", type=int, default=None, metavar="N",
-                       help="at most N sampled input rows per FFN are kept (default 16384)")
+                       help=f"at most N sampled input rows per FFN are kept (default {CALIB_TOKENS})")
     calib.add_argument("--heal", action="store_true",
                        help="fit each MoE layer to its dense FFN on the calibration data (layer-wise distillation)")
     calib.add_argument("--heal-steps", type=int, default=None, metavar="N",
@@ -190,8 +190,11 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
         if value is not None and not applies:
             raise ConfigError(f"{flag} only applies with {needs}; drop it, or add {needs.split(' (')[0]}")
     args.heal_steps = HEAL_STEPS if args.heal_steps is None else args.heal_steps
-    args.calib_tokens = 16384 if args.calib_tokens is None else args.calib_tokens
-    args.max_shard_size = "5GB" if args.max_shard_size is None else args.max_shard_size
+    args.calib_tokens = CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
+    if args.max_shard_size is None:
+        from moefx.stream import DEFAULT_SHARD_SIZE
+
+        args.max_shard_size = DEFAULT_SHARD_SIZE
 
 
 def _in_flag_terms(message: str) -> str:

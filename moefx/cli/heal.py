@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from moefx.config import HEAL_STEPS
+from moefx.config import CALIB_TOKENS, HEAL_STEPS
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -36,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace HEALED if it exists")
     parser.add_argument("--dense", default=None, metavar="MODEL",
                         help="the dense model OUT was converted from (default: the source recorded in OUT)")
-    parser.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
-                        help="at most N sampled input rows per layer (default 16384)")
+    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, metavar="N",
+                        help="at most N sampled input rows per layer (default %(default)s)")
     parser.add_argument("--steps", type=int, default=HEAL_STEPS, metavar="N",
                         help="Adam steps per layer (default %(default)s; 0: split layers get least squares only)")
     parser.add_argument("--task-id", type=int, default=None, metavar="N",

@@ -363,16 +363,24 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         raise MoefxError(f"{out}: the parent directory {parent} does not exist; create it first")
     with staging_dir(out) as tmp:
         yield tmp
+        mask = _umask()
         for item in [tmp, *tmp.rglob("*")]:
-            _default_mode(item, directory=item.is_dir())
+            _default_mode(item, directory=item.is_dir(), mask=mask)
         _move_into_place(tmp, out)
 
 
-def _default_mode(path: Path | str, *, directory: bool) -> None:
-    """Give a staged directory or file the permissions ``mkdir``/``open`` would have (the umask applied):
-    ``mkdtemp`` and ``mkstemp`` (and safetensors' writer) make them private to the user."""
+def _umask() -> int:
+    """The process umask (reading it means setting it: done once per output, not once per file)."""
     mask = os.umask(0)
     os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path | str, *, directory: bool, mask: int | None = None) -> None:
+    """Give a staged directory or file the permissions ``mkdir``/``open`` would have (``mask``, default the
+    process umask, applied): ``mkdtemp`` and ``mkstemp`` (and safetensors' writer) make them private to the
+    user."""
+    mask = _umask() if mask is None else mask
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 

@@ -175,10 +175,9 @@ def moe_ffn_kernel(
     threads = torch.get_num_threads()
     cpu = x.device.type == "cpu"
     with _serial_glue(threads > 1 and cpu and (_SERIAL_GLUE or _EXPERT_THREADS)):
-        out = x.new_zeros(num_tokens, out_features) if zeroed is None else zeroed.result()
         order, token, counts = _group_by_expert(expert_index, w1.shape[0])
         if not len(order):
-            return out
+            return x.new_zeros(num_tokens, out_features) if zeroed is None else zeroed.result()
         gate = combine_weight.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)  # [kept, 1]
         weights = (w1, b1, w3, b3, w2, b2)
         if threads > 1 and cpu and _EXPERT_THREADS and len(order) >= _PARALLEL_MIN_ROWS * threads:
@@ -187,15 +186,19 @@ def moe_ffn_kernel(
             pieces = _pieces(counts, threads)
             inference = torch.is_inference_mode_enabled()
             workers = _expert_workers(threads - 1)
+            # An output still being zeroed on a worker is waited for by each piece just before its first
+            # addition, not here: the first GEMMs of the pieces run meanwhile (the worker zeroes, then takes its
+            # piece).
+            out = x.new_zeros(num_tokens, out_features) if zeroed is None else zeroed
             # At most two terms per token: 0 + a + b is the same float in either order, so every piece adds
             # into the one output, under a lock (no buffer per piece to zero and add up). With more terms the
             # order of the additions would change the result, so each piece has its own and they are summed.
             lock = threading.Lock() if expert_index.shape[1] <= 2 else None
-            target = out if lock is not None else out.shape
+            target = out if lock is not None else torch.Size((num_tokens, out_features))
             futures = [workers.submit(_run_piece, target, x, token, gate, counts, lo, hi, weights,
                                       activation, inference, lock) for lo, hi in pieces[1:]]
             try:
-                _run_piece(out, x, token, gate, counts, *pieces[0], weights, activation, inference, lock)
+                out = _run_piece(out, x, token, gate, counts, *pieces[0], weights, activation, inference, lock)
             finally:
                 results = [f.exception() or f.result() for f in futures]  # wait for every piece
             for result in results:
@@ -204,6 +207,7 @@ def moe_ffn_kernel(
                 if result is not out:
                     out.add_(result)
             return out
+        out = x.new_zeros(num_tokens, out_features) if zeroed is None else zeroed.result()
         x_sorted = x.index_select(0, token)  # [kept, H]
         start = 0
         for e, count in enumerate(counts):
@@ -306,15 +310,16 @@ def _cut_sides(p: int, i: int, inside: bool, lo: int, first: int, left: int, tot
             (total - p + _CHAIN_ROWS * (n - i + left - 2)) / (left - 1))
 
 
-def _run_piece(out: torch.Tensor | torch.Size, x: torch.Tensor, token: torch.Tensor, gate: torch.Tensor,
+def _run_piece(out: torch.Tensor | torch.Size | Future, x: torch.Tensor, token: torch.Tensor, gate: torch.Tensor,
                counts: list[int], lo: int, hi: int, weights: tuple, activation: str,
                inference: bool, lock: threading.Lock | None = None) -> torch.Tensor:
-    """Rows ``lo:hi`` of the expert-sorted assignments, added into ``out`` (or a new zero tensor of that shape),
-    each addition under ``lock`` if given (``out`` shared with other pieces)."""
+    """Rows ``lo:hi`` of the expert-sorted assignments, added into ``out``: a new zero tensor if a shape; if a
+    future, its result, waited for once the first expert's rows are ready. Each addition is made under ``lock``
+    if given (``out`` shared with other pieces). Returns the tensor added into."""
     act = ACTIVATIONS[activation]
     # (torch.inference_mode(False) would turn gradients on: a worker runs under no_grad unless inference)
     with torch.inference_mode() if inference else torch.no_grad():
-        if not isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Size):
             out = x.new_zeros(out)
         x_piece = x.index_select(0, token[lo:hi])  # [hi - lo, H]
         start = 0
@@ -323,9 +328,11 @@ def _run_piece(out: torch.Tensor | torch.Size, x: torch.Tensor, token: torch.Ten
             start += count
             if a < b:
                 y = _expert_rows(x_piece[a - lo:b - lo], e, *weights, act).mul_(gate[a:b])
+                if isinstance(out, Future):
+                    out = out.result()
                 with lock or contextlib.nullcontext():
                     out.index_add_(0, token[a:b], y)
-    return out
+    return out.result() if isinstance(out, Future) else out
 
 
 class _ExpertWorkers:

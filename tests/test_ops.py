@@ -391,6 +391,45 @@ def test_pieces_cover_the_rows_and_never_cost_more_than_the_even_split(parts):
         assert chosen <= even, (counts, pieces)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_pieces_run_their_first_gemms_while_the_output_is_still_being_zeroed(monkeypatch, two_threads, k):
+    """The output zeroed ahead is waited for by each piece only before its first addition: here zeroing can only
+    finish once the caller's piece has run an expert, which never happened while the kernel waited for the zeros
+    before starting its pieces (the wait then timed out). Top-2 pieces share that output; with three terms per
+    token the caller's piece adds into it and the others into their own."""
+    import threading
+
+    from moefx import ops
+
+    started, timed_out = threading.Event(), []
+    zeros, rows = ops._zeros, ops._expert_rows
+
+    def slow_zeros(*args):
+        timed_out.append(not started.wait(timeout=5))
+        return zeros(*args)
+
+    def expert_rows(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            started.set()
+        return rows(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_ZEROS_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(ops, "_zeros", slow_zeros)
+    monkeypatch.setattr(ops, "_expert_rows", expert_rows)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g)
+    w1, w3, w2 = (torch.randn(4, 24, 16, generator=g) * 0.3, torch.randn(4, 24, 16, generator=g) * 0.3,
+                  torch.randn(4, 16, 24, generator=g) * 0.3)
+    index = torch.stack([(torch.arange(40) + j) % 4 for j in range(k)], dim=1)
+    weight = torch.rand(40, k, generator=g)
+    with torch.inference_mode():
+        got = ops.moe_ffn_kernel(x, index, weight, w1, None, w3, None, w2, None, "silu",
+                                 zeroed=ops.zeros_ahead(40, 16, x))
+    assert timed_out == [False]
+    torch.testing.assert_close(got.double(), _per_token_reference(x, index, weight, w1, None, w3, None, w2, None,
+                                                                   "silu"), rtol=1e-5, atol=1e-5)
+
+
 def test_layer_zeroes_its_output_on_an_expert_worker_while_it_routes(monkeypatch, two_threads):
     """In eager inference at 2 threads a token-choice layer's output is zeroed on the expert worker (started
     before routing, in the caller's inference mode) and the result is the same as with the caller zeroing it;

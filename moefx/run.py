@@ -82,8 +82,10 @@ def _load_inputs(path: Path, recorded: tuple[tuple, dict] | None) -> tuple[tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moefx.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moefx.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m moefx.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan_dir", type=Path, metavar="PLAN_DIR", help="a directory written by moefx partition")
     parser.add_argument("--inputs", type=Path, default=None, help="tensor file of examples (default: the recorded ones)")
     parser.add_argument("--reference", type=Path, default=None, metavar="OUT",

@@ -184,3 +184,15 @@ def test_bad_partitions_are_clear_errors(tmp_path):
     result = _run(cmd, timeout=60)
     assert result.returncode == 2
     assert "missing shard file(s)" in result.stderr
+
+
+def test_launch_mistakes_are_one_line_usage_errors(tmp_path):
+    """`python -m moefx.run` started without torchrun, or given a flag value that is not a number, says so in one
+    line and exits 2 (it used to exit 1, as for a failed collective, and print argparse's whole usage block)."""
+    _out, plan_dir = _converted(tmp_path, "topk", 2)
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for args, message in (([], "not set: launch with torchrun"), (["--task-id", "x"], "invalid int value: 'x'")):
+        result = subprocess.run([sys.executable, "-m", "moefx.run", str(plan_dir), *args], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moefx import ops
+from moefx.errors import MoefxError
 from moefx.layers import ExpertBank, MoELayer
 from moefx.routers import Routing
 
@@ -50,8 +51,8 @@ def init_expert_parallel(backend: str | None = None, timeout: float = 60.0) -> t
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise ExpertParallelError(
+    if missing:  # a launch mistake, not a failed collective: the usage exit code
+        raise MoefxError(
             f"{', '.join(missing)} not set: launch with torchrun --nproc-per-node N -m moefx.run PLAN_DIR"
         )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

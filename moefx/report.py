@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "render_analysis_text", "render_conversion_text", "render_report_markdown"]
+__all__ = ["format_table", "human_bytes", "render_analysis_text", "render_conversion_text", "render_report_markdown"]
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit (up to GB) that leaves at least 1: ``512 B``, ``3.4 MB``."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -409,6 +410,11 @@ def test_split_with_calibration_and_healing_from_the_cli(hf_dir, tmp_path, capsy
                  "-o", str(tmp_path / "healed"), "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in report] == ["least-squares + gradient"] * 2
+    # The table prints every error in one format (it mixed 0.0123 and 1.234e-05 in a column).
+    assert main(["heal", str(tmp_path / "plain"), "--calib", str(tmp_path / "calib.pt"), "--steps", "0",
+                 "-o", str(tmp_path / "ls"), "--quiet"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "least-squares" in line]
+    assert len(rows) == 2 and all(re.fullmatch(r"\d\.\d{3}e[+-]\d\d", cell) for row in rows for cell in row[2:4]), rows
     assert all(r["error_after"] < r["error_before"] for r in report)
     for name in ("a", "b"):
         assert main(["convert", str(hf_dir), *split, "--calib", str(tmp_path / "calib.pt"), "--heal",
@@ -423,3 +429,10 @@ def test_split_with_calibration_and_healing_from_the_cli(hf_dir, tmp_path, capsy
 
         plain, healed, both = error("plain"), error("healed"), error("a")
     assert healed < plain and both < plain, (plain, healed, both)
+
+
+def test_sizes_print_in_a_unit_that_shows_them():
+    from moefx.report import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 20 * 1024 + 512, 3 * 1024**2, 5 * 1024**3, 4096 * 1024**3)] == [
+        "0 B", "1023 B", "1.0 KB", "20.5 KB", "3.0 MB", "5.0 GB", "4096.0 GB"]

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        rows = [[r["layer"], r["method"], f"{r['error_before']:.4g}", f"{r['error_after']:.4g}",
+        rows = [[r["layer"], r["method"], f"{r['error_before']:.3e}", f"{r['error_after']:.3e}",
                  ", ".join(r.get("kept", [])) or "no"] for r in report]
         print(format_table(["moe layer", "method", "error before", "error after", "fits kept"], rows))
         print(f"saved to {args.output}/")

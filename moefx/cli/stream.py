@@ -13,7 +13,7 @@ __all__ = ["run_streamed"]
 
 
 def run_streamed(args: argparse.Namespace, config: MoEConfig, out: Path) -> int:
-    from moefx.report import render_conversion_text
+    from moefx.report import human_bytes, render_conversion_text
     from moefx.stream import calibrate_stream, parse_size, plan_stream, run_stream
 
     max_shard_size = parse_size(args.max_shard_size)
@@ -35,7 +35,7 @@ def run_streamed(args: argparse.Namespace, config: MoEConfig, out: Path) -> int:
     else:
         print(render_conversion_text(report))
         kept = f", {result.shards_kept} kept from an interrupted run" if result.shards_kept else ""
-        print(f"streamed {result.bytes_read / 1e9:.2f} GB in, {result.bytes_written / 1e9:.2f} GB out in "
+        print(f"streamed {human_bytes(result.bytes_read)} in, {human_bytes(result.bytes_written)} out in "
               f"{result.seconds:.1f} s ({len(plan.shard_files)} shard(s){kept})")
         print(f"saved to {out}/ (recipe.json, {plan.shard_files[0] if len(plan.shard_files) == 1 else 'model.safetensors.index.json + shards'}, report.md)")
     return 0

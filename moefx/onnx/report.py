@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..report import format_table
+from ..report import format_table, human_bytes
 from .translations import Lowering
 
 __all__ = ["ExportReport", "LayerExport"]
@@ -96,7 +96,7 @@ class ExportReport:
 
     def render(self) -> str:
         """The report as terminal text: a summary line, one table row per MoE layer, then the details."""
-        size = _human_bytes(self.file_bytes)
+        size = human_bytes(self.file_bytes)
         where = self.path + (f" (+ external data {self.data_path})" if self.data_path else "")
         head = (f"wrote {where}: {size}, opset {self.opset}, {sum(self.op_counts.values())} nodes; "
                 f"{len(self.fused_layers)} of {len(self.layers)} MoE layer(s) fused ({self.seconds:.1f}s)")
@@ -128,11 +128,3 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{count} {name}" for name, count in ranked[:3]) + (
         ", ..." if len(counts) > 3 else "")
 
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover

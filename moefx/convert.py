@@ -193,6 +193,19 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
     return analysis
 
 
+def _unchunk_ffns(model: nn.Module) -> None:
+    """Turn off transformers' ``chunk_size_feed_forward`` (an FFN applied to the sequence in pieces, to save
+    memory): a captured layer would hold one FFN per piece, for one MoE layer. The FFN acts on each token alone,
+    so the layer computes the same either way; its MoE layer then runs once on all the tokens."""
+    chunked = [name for name, module in model.named_modules()
+               if isinstance(getattr(module, "chunk_size_feed_forward", None), int) and module.chunk_size_feed_forward > 0]
+    for name in chunked:
+        model.get_submodule(name).chunk_size_feed_forward = 0
+    if chunked:
+        log.info("moefx: chunk_size_feed_forward turned off in %d module(s) (%s%s): each MoE layer runs on all "
+                 "tokens at once", len(chunked), ", ".join(chunked[:2]), ", ..." if len(chunked) > 2 else "")
+
+
 def _identity(model: nn.Module, path: str) -> int:
     """The identity of the module or parameter at ``path`` (shared modules are one FFN, not several)."""
     owner, _, leaf = path.rpartition(".")
@@ -203,16 +216,27 @@ def _identity(model: nn.Module, path: str) -> int:
 def _collect_matches(model: nn.Module, analysis: Analysis, gm: fx.GraphModule, name: str,
                      attempt: CaptureAttempt, claimed: set[int], module_order: dict[str, int]) -> None:
     PassManager([FindFFNPass()])(gm)
+    here: list[tuple[set[int], FoundFFN]] = []  # the FFNs found in this graph, by their projections' identities
     for i, match in enumerate(gm.meta["moefx.ffn_matches"]):
         modules = [_join(name, m) for m in match.modules]
         identities = {_identity(model, m) for m in modules}
         if identities & claimed:
+            again = next((found for ids, found in here if ids & identities), None)
+            if again is not None and again in analysis.ffns:
+                # The same FFN applied twice in one call (on pieces of its input, say): rewriting one application
+                # would leave the others dense, so neither is converted.
+                analysis.ffns.remove(again)
+                analysis.near_misses.append(NearMiss(again.name or "(root)", (
+                    f"its FFN runs more than once in one call of {_join(name, '') or '(root)'}; moefx converts an "
+                    "FFN that runs once per call (transformers' chunk_size_feed_forward is turned off for you)")))
             continue
         claimed |= identities
         position = min((module_order.get(m, math.inf) for m in modules), default=math.inf)
         if position == math.inf:  # a graph without modules: order of appearance
             position = len(module_order) + i
-        analysis.ffns.append(FoundFFN(_common_module(modules), name, match, attempt, position))
+        found = FoundFFN(_common_module(modules), name, match, attempt, position)
+        here.append((identities, found))
+        analysis.ffns.append(found)
     for miss in gm.meta["moefx.near_misses"]:
         where, _, reason = miss.reason.partition(": ")
         analysis.near_misses.append(NearMiss(_join(name, where) or "(root)", reason or where))
@@ -346,6 +370,7 @@ def convert(
         _strip_analysis_meta(model)
         model = copy.deepcopy(model)
     inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
+    _unchunk_ffns(model)
     analysis = _analyze(model, inputs, config)
     if not analysis.ffns:
         raise NoFFNFoundError(_no_ffn_message(model, analysis))

@@ -182,3 +182,32 @@ def test_state_dict_keeps_original_names_for_dense_parts():
     ffn = {k for k in dense_keys if ".intermediate.dense." in k or (".output.dense." in k and "attention" not in k)}
     assert dense_keys - ffn <= moe_keys
     assert any(".moe.experts.w1" in k for k in moe_keys)
+
+
+def test_an_ffn_applied_in_chunks_becomes_one_moe_layer_over_all_tokens():
+    """transformers' chunk_size_feed_forward applies BERT's FFN to pieces of the sequence. moefx used to convert
+    the first piece's FFN only: the other pieces ran the dense FFN, and the captured graph ran only sequences
+    of the example's length. Chunking is turned off in the converted copy: one MoE call per layer on every token,
+    the same output as converting the unchunked model, at any length; the caller's model keeps its chunking."""
+    import transformers as tf
+
+    from moefx.layers import MoELayer
+
+    def bert(chunk: int):
+        torch.manual_seed(0)
+        return tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                                          intermediate_size=64, chunk_size_feed_forward=chunk)).eval()
+
+    ids = torch.randint(1, 96, (2, 6))
+    config = moefx.MoEConfig(num_experts=4, top_k=2, init="random")
+    chunked = bert(2)
+    got, want = moefx.convert(chunked, config, example_inputs=(ids,)), moefx.convert(bert(0), config, example_inputs=(ids,))
+    assert chunked.encoder.layer[0].chunk_size_feed_forward == 2
+    rows = []
+    for module in got.modules():
+        if isinstance(module, MoELayer):
+            module.register_forward_pre_hook(lambda _, args: rows.append(args[0].numel() // args[0].shape[-1]))
+    with torch.no_grad():
+        for x in (ids, torch.randint(1, 96, (3, 10))):
+            assert torch.equal(got(x).last_hidden_state, want(x).last_hidden_state)
+    assert rows == [12, 12, 30, 30]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moefx
+from moefx.errors import NoFFNFoundError
 from moefx.passes import FindFFNPass
 
 from toy_models import MLP, Block, FusedGatedMLP, GatedMLP, ReusedHidden, Stack
@@ -267,3 +268,21 @@ def test_convert_does_not_modify_the_input_unless_inplace():
     assert isinstance(model.blocks[0].ffn, MLP)
     moe = moefx.convert(model, example_inputs=(torch.randn(2, 3, 16),), inplace=True)
     assert moe is model and not isinstance(model.blocks[0].ffn, MLP)
+
+
+def test_an_ffn_run_twice_in_one_call_is_a_near_miss_not_half_converted():
+    """A block that applies its FFN to each half of the sequence: rewriting one application left the other dense.
+    Neither is converted, and the near-miss says why."""
+
+    class Halves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+        def forward(self, x):
+            return x + torch.cat([self.down(torch.relu(self.up(half))) for half in x.chunk(2, dim=1)], dim=1)
+
+    model = nn.Sequential(Halves(), Halves())
+    x = torch.randn(2, 6, 16)
+    with pytest.raises(NoFFNFoundError, match="its FFN runs more than once in one call of"):
+        moefx.convert(model, moefx.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))

@@ -469,3 +469,30 @@ def test_import_moefx_stays_light():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_tokens_of_an_ffn_run_in_chunks_or_shared_by_every_layer():
+    """Tokens are the rows the first FFN sees in one pass: summed over the chunks it runs on (transformers'
+    chunk_size_feed_forward; only the first chunk's rows were counted), but not over the calls of an FFN module
+    that every layer shares (ALBERT-style), each on the whole sequence."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                                      intermediate_size=64, chunk_size_feed_forward=2)).eval()
+    ffn = [[f"encoder.layer.{i}.intermediate.dense", f"encoder.layer.{i}.output.dense"] for i in range(2)]
+    cost = count_torch(bert, (torch.randint(1, 96, (2, 6)),), ffn_modules=ffn)
+    assert cost.tokens == 12 and cost.ffn_flops_per_token == 2 * (2 * 32 * 64 * 2)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            for _ in range(3):
+                x = x + self.mlp(x)
+            return x
+
+    cost = count_torch(Shared(), (torch.randn(2, 5, 16),), ffn_modules=["mlp"])
+    assert cost.tokens == 10 and cost.ffn_flops_per_token == 3 * (2 * 16 * 32 * 2)

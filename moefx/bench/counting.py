@@ -140,13 +140,25 @@ def _count_torch(model: nn.Module, args: tuple, kwargs: dict, ffn_modules: list[
     for name, module in layers:
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook))
-    # Tokens: the rows the first FFN (dense or MoE) to run sees, e.g. a ViT's patches, not its pixel rows.
+    # Tokens: the rows the first FFN (dense or MoE) to run sees, e.g. a ViT's patches, not its pixel rows. An FFN
+    # run in chunks (transformers' chunk_size_feed_forward) sees them over consecutive calls on pieces of one
+    # tensor, which are summed; a module run again on another tensor (one FFN shared by every layer, as in
+    # ALBERT) is not counted again. The first input is held until the pass ends, so that no later tensor
+    # takes its storage's address.
     ffn_rows: list[int] = []
+    first: list = []  # the first FFN to run and its input, while its calls are still being counted
 
     def count_rows(module, args, kwargs):
         x = _first_tensor(args, kwargs)
-        if x is not None and not ffn_rows:
-            ffn_rows.append(x.numel() // x.shape[-1])
+        if x is None or (ffn_rows and not first):
+            return
+        if not ffn_rows:
+            first.extend((module, x))
+            ffn_rows.append(0)
+        elif first[0] is not module or x.untyped_storage().data_ptr() != first[1].untyped_storage().data_ptr():
+            first.clear()  # another FFN, or another tensor: the first FFN's rows are all counted
+            return
+        ffn_rows[0] += x.numel() // x.shape[-1]
 
     ffn_groups = [[entry] if isinstance(entry, str) else list(entry) for entry in ffn_modules or ()]
     named = set(names[0] for names in ffn_groups if names)
@@ -160,6 +172,7 @@ def _count_torch(model: nn.Module, args: tuple, kwargs: dict, ffn_modules: list[
     finally:
         for h in handles:
             h.remove()
+        first.clear()
     counts = counter.get_flop_counts()
     total_flops = counter.get_total_flops()
     root = next((k for k in counts if k != "Global" and "." not in k), type(model).__name__)

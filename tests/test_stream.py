@@ -47,6 +47,9 @@ def _hf_dir(root: Path, name: str, dtype=torch.bfloat16) -> Path:
     elif name == "gpt2":  # Conv1D: weights stored transposed, read through a strided view
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, bos_token_id=0,
                                                  eos_token_id=0, pad_token_id=0))
+    elif name == "bert-chunked":  # its FFN applied to the sequence in chunks (turned off by the conversion)
+        model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                                           intermediate_size=64, chunk_size_feed_forward=2))
     elif name == "phi3":  # one fused gate_up projection, split into two halves
         model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                  num_key_value_heads=2, intermediate_size=64, vocab_size=96,
@@ -87,7 +90,7 @@ def test_shard_writer_writes_what_safetensors_writes(tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "init"), [("llama", "upcycle"), ("llama", "random"), ("llama-tied", "upcycle"),
-                                            ("gpt2", "random"), ("phi3", "upcycle")])
+                                            ("gpt2", "random"), ("phi3", "upcycle"), ("bert-chunked", "random")])
 def test_streamed_output_equals_in_memory_conversion_byte_for_byte(tmp_path, arch, init):
     src = _hf_dir(tmp_path, arch)
     config = moefx.MoEConfig(num_experts=4, top_k=2, init=init, expert_size=16 if init == "random" else None, seed=3)

@@ -146,6 +146,13 @@ def _strip_analysis_meta(gm: nn.Module) -> None:
 
 
 def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
+    """Find the FFNs of ``model`` (and near-misses), with transformers' FFN chunking off meanwhile (see
+    :func:`_unchunk_ffns`): inspect, heal and the streamed plan see the FFNs convert converts."""
+    with _ffns_unchunked(model):
+        return _find_ffns(model, inputs, config)
+
+
+def _find_ffns(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
     start = time.perf_counter()
     analysis = Analysis()
     projections = weight_like(model)
@@ -193,17 +200,36 @@ def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoECon
     return analysis
 
 
+def _chunked_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules with transformers' ``chunk_size_feed_forward`` on (an FFN applied to the sequence in pieces,
+    to save memory): a captured layer would hold one FFN per piece, for one MoE layer. The FFN acts on each token
+    alone, so the layer computes the same with it off; its MoE layer then runs once on all the tokens."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(getattr(module, "chunk_size_feed_forward", None), int) and module.chunk_size_feed_forward > 0]
+
+
 def _unchunk_ffns(model: nn.Module) -> None:
-    """Turn off transformers' ``chunk_size_feed_forward`` (an FFN applied to the sequence in pieces, to save
-    memory): a captured layer would hold one FFN per piece, for one MoE layer. The FFN acts on each token alone,
-    so the layer computes the same either way; its MoE layer then runs once on all the tokens."""
-    chunked = [name for name, module in model.named_modules()
-               if isinstance(getattr(module, "chunk_size_feed_forward", None), int) and module.chunk_size_feed_forward > 0]
-    for name in chunked:
-        model.get_submodule(name).chunk_size_feed_forward = 0
+    """Turn FFN chunking off for good (see :func:`_chunked_ffns`): the model convert returns."""
+    chunked = _chunked_ffns(model)
+    for _, module in chunked:
+        module.chunk_size_feed_forward = 0
     if chunked:
+        names = [name for name, _ in chunked]
         log.info("moefx: chunk_size_feed_forward turned off in %d module(s) (%s%s): each MoE layer runs on all "
-                 "tokens at once", len(chunked), ", ".join(chunked[:2]), ", ..." if len(chunked) > 2 else "")
+                 "tokens at once", len(names), ", ".join(names[:2]), ", ..." if len(names) > 2 else "")
+
+
+@contextlib.contextmanager
+def _ffns_unchunked(model: nn.Module):
+    """FFN chunking off in the block, put back on exit (see :func:`_chunked_ffns`)."""
+    chunked = [(module, module.chunk_size_feed_forward) for _, module in _chunked_ffns(model)]
+    for module, _ in chunked:
+        module.chunk_size_feed_forward = 0
+    try:
+        yield
+    finally:
+        for module, size in chunked:
+            module.chunk_size_feed_forward = size
 
 
 def _identity(model: nn.Module, path: str) -> int:

@@ -190,7 +190,7 @@ def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, 
     """Plan the streamed conversion of the Hugging Face model directory ``source_dir`` without reading a
     weight (see the module docstring). Raises :class:`~moefx.errors.MoefxError` for bad input."""
     from . import __version__
-    from .convert import _analyze, _unchunk_ffns, convert
+    from .convert import _analyze, convert
     from .hf import build_without_weights, dummy_inputs
     from .io import _hf_class, _load_hf_config
 
@@ -228,7 +228,6 @@ def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, 
                     return key
         return None
 
-    _unchunk_ffns(dense)  # as convert does, before the analysis the plan is made from
     analysis = _analyze(dense, ((), meta_inputs), config)
     index_of = {f.name: i for i, f in enumerate(analysis.ffns)}
     layer_fields: dict[str, dict[str, _View | None]] = {}

@@ -211,3 +211,7 @@ def test_an_ffn_applied_in_chunks_becomes_one_moe_layer_over_all_tokens():
         for x in (ids, torch.randint(1, 96, (3, 10))):
             assert torch.equal(got(x).last_hidden_state, want(x).last_hidden_state)
     assert rows == [12, 12, 30, 30]
+    # inspect (the analysis heal and the streamed plan use too) sees the FFNs convert converts, and leaves the
+    # model's chunking as it was
+    assert [f.name for f in moefx.analyze(chunked, (ids,)).ffns] == [f"encoder.layer.{i}" for i in range(2)]
+    assert chunked.encoder.layer[0].chunk_size_feed_forward == 2

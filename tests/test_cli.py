@@ -234,6 +234,47 @@ def test_an_output_that_is_or_holds_the_input_is_refused_even_with_force(hf_dir,
     assert (converted / "recipe.json").exists()
 
 
+def test_export_never_writes_over_the_model_or_an_existing_report(tmp_path, capsys):
+    """Every file ``moefx export`` could write (FILE.onnx, its report) is checked before the export runs: not
+    inside the model directory (with --force that replaced its weights or its recipe), not the same file as
+    another output, and not an existing file without --force."""
+    out = tmp_path / "out"
+    assert main(["convert", "toy_models:stack_of_mlps", "-o", str(out)]) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    report, onnx_file = tmp_path / "r.json", tmp_path / "m.onnx"
+    report.write_text("keep")
+    capsys.readouterr()
+    for extra, message in (
+        (["-o", str(out / "model.safetensors"), "--force"], "inside the model directory"),
+        (["-o", str(out / "new.onnx")], "inside the model directory"),
+        (["-o", str(onnx_file), "--json", str(out / "recipe.json"), "--force"], "inside the model"),
+        (["-o", str(onnx_file), "--json", str(report)], "already exists; pass --force"),
+        (["-o", str(onnx_file), "--json", str(onnx_file), "--force"], "name the same file"),
+        (["-o", str(onnx_file), "--json", f"{onnx_file}.data", "--force"], "name the same file"),
+    ):
+        assert main(["export", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert report.read_text() == "keep" and not onnx_file.exists()
+    assert main(["export", str(out), "-o", str(onnx_file), "--json", str(report), "--force"]) == 0
+    assert json.loads(report.read_text())["path"] == str(onnx_file)
+
+
+def test_export_onnx_refuses_a_report_path_that_is_the_model_file(tmp_path):
+    from moefx.onnx import export_onnx
+
+    model, inputs = __import__("toy_models").stack_of_mlps()
+    moe = moefx.convert(model, moefx.MoEConfig(num_experts=2), inputs)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(moefx.MoefxError, match="where the ONNX model goes"):
+        export_onnx(moe, inputs, path, report_path=path)
+    (tmp_path / "r.json").write_text("keep")
+    with pytest.raises(moefx.MoefxError, match="already exists"):
+        export_onnx(moe, inputs, path, report_path=tmp_path / "r.json")
+    assert not path.exists() and (tmp_path / "r.json").read_text() == "keep"
+
+
 def test_failed_conversion_leaves_existing_output_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefx.errors import ConfigError, MoefxError, OutputExistsError
+from moefx.errors import ConfigError
 
 from . import add_common_flags
-from .convert import check_output_parent
+from .convert import check_side_file
 
 __all__ = ["add_parser", "parse_int_list", "run"]
 
@@ -76,17 +76,10 @@ def run(args: argparse.Namespace) -> int:
     seqs = parse_int_list("--seq", args.seq)
     threads = parse_int_list("--threads", args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
-        raise MoefxError(f"--json and --plot name the same file {args.json}; give each its own")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
-        model = Path(args.model).resolve()
-        if path.resolve() == model or model in path.resolve().parents:
-            raise MoefxError(f"{flag} {path}: inside the model {args.model}; write it somewhere else")
-        if path.exists() and not args.force:
-            raise OutputExistsError(f"{flag} {path}: already exists; pass --force to replace it")
-        check_output_parent(path)  # before minutes of timing
+    if args.json is not None:
+        check_side_file("--json", args.json, args.model, force=args.force)  # before minutes of timing
+    if args.plot is not None:
+        check_side_file("--plot", args.plot, args.model, force=args.force, taken={"--json": args.json})
     if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     if not args.min_seconds > 0:

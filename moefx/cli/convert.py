@@ -235,6 +235,22 @@ def check_not_an_input(out: Path, *inputs: Path | str | None) -> None:
             raise MoefxError(f"{out}: {what} the input {source}; write the output somewhere else")
 
 
+def check_side_file(flag: str, path: Path, model: str, *, force: bool, taken: dict[str, Path] | None = None) -> None:
+    """Check a file a command writes beside its main result (a report, a plot) before any long work: it must not
+    be inside the model it reads, nor a file another flag of the same command writes, nor an existing file
+    without ``--force``, and its directory must be writable."""
+    resolved = path.resolve()
+    model_path = Path(model).resolve()
+    if resolved == model_path or model_path in resolved.parents:
+        raise MoefxError(f"{flag} {path}: inside the model {model}; write it somewhere else")
+    for other_flag, other in (taken or {}).items():
+        if other is not None and resolved == Path(other).resolve():
+            raise MoefxError(f"{flag} and {other_flag} name the same file {path}; give each its own")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{flag} {path}: already exists; pass --force to replace it")
+    check_output_parent(path)
+
+
 def run(args: argparse.Namespace) -> int:
     import moefx
     from moefx.io import load_example_inputs, load_source

@@ -9,7 +9,7 @@ from pathlib import Path
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
-from .convert import check_not_an_input, check_output_parent
+from .convert import check_not_an_input, check_output_parent, check_side_file
 
 __all__ = ["add_parser", "load_converted", "run"]
 
@@ -88,8 +88,16 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
     check_not_an_input(args.output, args.model)
+    model_path = Path(args.model).resolve()
+    if model_path.is_dir() and model_path in args.output.resolve().parents:
+        raise MoefxError(f"{args.output}: inside the model directory {args.model}, whose files it could replace; "
+                         "write the ONNX file somewhere else")
     if not args.output.is_dir():  # a directory is named as such by export_onnx
         check_output_parent(args.output)
+    if args.json not in (None, "-"):
+        args.json = Path(args.json)
+        check_side_file("--json", args.json, args.model, force=args.force,
+                        taken={"-o": args.output, "-o's external data": Path(f"{args.output}.data")})
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
     from moefx.onnx import export_onnx
 

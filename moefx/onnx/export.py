@@ -144,8 +144,14 @@ def export_onnx(
     check_opset(opset)
     options = ExportOptions(fused=fused, exact=exact, fuse_assigned=fuse_assigned, gather_experts=gather_experts)
     path = Path(path)
-    if report_path is not None and not Path(report_path).parent.is_dir():
-        raise MoefxError(f"{report_path}: the directory for the JSON report does not exist; create it first")
+    if report_path is not None:
+        report_file = Path(report_path)
+        if report_file.resolve() in (path.resolve(), path.with_name(f"{path.name}.data").resolve()):
+            raise MoefxError(f"{report_path}: is where the ONNX model goes; write the JSON report somewhere else")
+        if not report_file.parent.is_dir():
+            raise MoefxError(f"{report_path}: the directory for the JSON report does not exist; create it first")
+        if report_file.exists() and not force:
+            raise OutputExistsError(f"{report_path}: already exists; pass force=True to replace it")
     args, kwargs = _resolve_inputs(model, example_inputs, example_kwargs)
     notes: list[str] = []
     if _wants_no_cache(model, kwargs):

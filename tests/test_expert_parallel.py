@@ -45,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _converted(tmp: Path, router: str, devices: int) -> tuple[Path, Path]:
+def _converted(tmp: Path, router: str, devices: int, **options) -> tuple[Path, Path]:
     """A converted toy model saved to tmp/out and its partition for ``devices`` ranks in tmp/plan."""
     sys.path.insert(0, str(TESTS))
     from toy_models import stack_of_mlps
@@ -53,7 +53,8 @@ def _converted(tmp: Path, router: str, devices: int) -> tuple[Path, Path]:
     model, _ = stack_of_mlps()
     torch.manual_seed(1)
     inputs = (torch.randn(4, 6, 16),)
-    config = moefx.MoEConfig(router=router, num_experts=8, top_k=2, init="random", seed=3)
+    config = moefx.MoEConfig(**{"router": router, "num_experts": 8, "top_k": 2, "init": "random", "seed": 3,
+                                **options})
     moe = moefx.convert(model, config, inputs, source={"kind": "factory", "spec": FACTORY, "class": "toy_models:Stack"})
     out, plan_dir = tmp / "out", tmp / "plan"
     moefx.save(moe, out)
@@ -80,9 +81,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize(("router", "nproc"), [("topk", 2), ("topk", 4), ("soft", 2), ("soft", 4)])
-def test_torchrun_matches_single_process(tmp_path, router, nproc):
-    out, plan_dir = _converted(tmp_path, router, nproc)
+SPLIT = {"init": "split", "num_experts": 7, "shared_experts": 1}  # a down bias and a shared expert per layer
+
+
+@pytest.mark.parametrize(("router", "nproc", "options"), [
+    ("topk", 2, {}), ("topk", 4, {}), ("soft", 2, {}), ("soft", 4, {}), ("topk", 2, SPLIT),
+], ids=["topk-2", "topk-4", "soft-2", "soft-4", "split-shared-2"])
+def test_torchrun_matches_single_process(tmp_path, router, nproc, options):
+    out, plan_dir = _converted(tmp_path, router, nproc, **options)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "moefx.run", str(plan_dir), "--reference", str(out), "--atol", "1e-5", "--timeout", "30"]

@@ -13,6 +13,8 @@ router of every MoE layer, and only the experts the plan gives it. One MoE layer
    per row;
 5. send the partial sums back (the reverse splits) and add them up per token.
 
+A split FFN's shared expert and output bias are replicated like the router and added locally.
+
 Soft MoE runs the same exchange on slots: the slots (dispatch-weighted token averages of a sequence) are
 formed locally, slot s goes to expert ``s // slots_per_expert`` with weight 1, and the combine is local.
 
@@ -98,6 +100,8 @@ class ExpertParallelMoE(nn.Module):
             raise PlanMismatchError(f"layer {name}: the plan has {len(devices)} devices but the group has {world_size} ranks")
         self.router = layer.router
         self.experts = experts if experts is not None else layer.experts.select_experts(list(devices[rank]))
+        self.shared = layer.shared  # replicated, like the router: every rank runs it on its own tokens
+        self.bias = layer.bias
         self.hidden_dropout = layer.hidden_dropout
         self.source = layer.source
         self.name = name
@@ -135,6 +139,10 @@ class ExpertParallelMoE(nn.Module):
             y = self._soft_forward(tokens, routing)
         else:
             y = self._exchange(tokens, routing.expert_index, routing.combine_weight.to(tokens.dtype))
+        if self.shared is not None:
+            y = y + ops.expert_ffn(tokens, 0, *self.shared.weights(), self.shared.activation)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*lead, y.shape[-1])
 
     def _soft_forward(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -241,7 +241,8 @@ def _hidden(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
 def _fit_split(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3,
                refit_router: bool = True) -> None:
     """Refit the router (unless it was just fitted on these inputs), then the down projections and biases by
-    ridge least squares given its routing."""
+    least squares given its routing, with a small ridge (relative to each column's energy) towards their
+    current values."""
     bank, k = layer.experts, layer.router.top_k
     hidden = [_hidden(bank, e, x) for e in range(bank.num_experts)]  # E x [N, Ie]
     if refit_router:
@@ -259,10 +260,22 @@ def _fit_split(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, ridge: float =
     columns += [mask, torch.ones(x.shape[0], 1, device=x.device)]
     features = torch.cat(columns, dim=1)  # [N, D]
     del columns, hidden
-    # Products in float32 (the GEMM dominates), the solve in float64.
+    # The current weights, in the order of the columns: the ridge pulls towards them, not towards zero.
+    prior = [bank.w2[e].T for e in range(bank.num_experts)]
+    prior += [shared.w2[0].T] if shared is not None else []
+    prior += [bank.b2, layer.bias[None]]
+    prior = torch.cat(prior).double()  # [D, O]
+    # Products in float32 (the GEMM dominates), the solve in float64 on columns scaled to unit energy: the
+    # hidden units' energy can be 1e-10 of the ones column's, and one shared ridge scale (set by the ones and
+    # mask columns) pinned every expert's down projection to its prior. The ridge, relative to each column's
+    # own energy, pulls towards the prior; a column no row reaches (an expert the sample never routes to)
+    # keeps its prior.
     gram = (features.T @ features).double()
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, (features.T @ y.float()).double()).float()  # [D, O]
+    energy = gram.diagonal()
+    scale = torch.where(energy > 0, energy.clamp_min(1e-300).rsqrt(), torch.ones_like(energy))  # [D]
+    gram = scale[:, None] * gram * scale[None, :] + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+    rhs = scale[:, None] * (features.T @ y.float()).double() + ridge * prior / scale[:, None]
+    solution = (scale[:, None] * torch.linalg.solve(gram, rhs)).float()  # [D, O]
     offset = 0
     size = bank.expert_size
     for e in range(bank.num_experts):

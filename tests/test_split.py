@@ -356,6 +356,36 @@ def test_healing_lowers_every_layers_error_and_brings_the_model_closer(name):
     assert moe.moefx_info.healing == report
 
 
+def test_least_squares_healing_reaches_the_least_squares_optimum_and_keeps_unreached_experts():
+    """The closed-form stage against ``torch.linalg.lstsq`` on the design matrix written here from the layer's
+    math (top-k experts with weight 1, a shared expert, per-expert and layer biases): its training error is the
+    optimum's, whatever the scale of the hidden units (small activations made a shared ridge pin the experts),
+    and an expert no row is routed to keeps its down projection."""
+    heal_module = importlib.import_module("moefx.heal")
+    dense = tiny_hf_model("llama")
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=6, top_k=2, shared_experts=2))
+    name, layer = moefx.moe_layers(moe)[0]
+    mlp = dense.get_submodule(name)
+    x = torch.randn(600, 32, generator=torch.Generator().manual_seed(0)).abs() * 0.05  # small activations
+    with torch.no_grad():
+        layer.router.gate.weight[0] = -1.0  # expert 0: never chosen for these (positive) inputs
+        y = mlp(x)
+        bank, shared = layer.experts, layer.shared
+        chosen = layer.router(x, None).expert_index
+        assert not (chosen == 0).any()
+        mask = torch.zeros(600, 6).scatter_(1, chosen, 1.0)
+        hidden = [F.silu(x @ bank.w1[e].T) * (x @ bank.w3[e].T) * mask[:, e:e + 1] for e in range(6)]
+        design = torch.cat([*hidden, F.silu(x @ shared.w1[0].T) * (x @ shared.w3[0].T), mask, torch.ones(600, 1)], 1)
+        optimum = torch.linalg.lstsq(design.double(), y.double(), driver="gelsd").solution  # SVD: any rank
+        best = float((design.double() @ optimum - y).square().mean() / y.square().mean())
+        w2_unreached = bank.w2[0].clone()
+        before = heal_module._error(layer, x, y)
+        heal_module._fit_split(layer, x, y, refit_router=False)
+        after = heal_module._error(layer, x, y)
+    assert after <= best * 1.01 + 1e-7, (before, after, best)
+    torch.testing.assert_close(bank.w2[0], w2_unreached, rtol=1e-6, atol=0)
+
+
 def test_healing_refuses_a_dense_model_that_is_not_the_source():
     """Another checkpoint of the same architecture, the source in another dtype, or with another activation:
     one clear error, and the converted model is left as it was."""

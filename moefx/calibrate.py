@@ -45,8 +45,10 @@ __all__ = [
     "LayerSample",
     "TokenSampler",
     "calibration_batches",
+    "max_positions",
     "real_tokens",
     "record_ffns",
+    "run_calibration_batch",
     "swap_module",
 ]
 
@@ -86,18 +88,83 @@ def calibration_batches(
             raise CalibrationError(f"{path}: no such calibration file; pass a .txt, .pt or .safetensors file")
         suffix = path.suffix.lower()
         if suffix in (".txt", ".text"):
-            return _text_batches(path, model, example, batch_size, max_length, tokenizer)
-        if suffix in (".pt", ".pth", ".safetensors"):
+            limit = max_positions(model)
+            batches = _text_batches(path, model, example, batch_size, min(max_length, limit or max_length), tokenizer)
+        elif suffix in (".pt", ".pth", ".safetensors"):
             data = _load_tensor_file(path)
-            return _tensor_batches(data, str(path), model, example, batch_size)
-        raise CalibrationError(f"{path}: unknown calibration format {suffix or '(none)'!r}; pass .txt (one "
-                               "example per line), .pt or .safetensors (a tensor of examples)")
-    if isinstance(calib, (torch.Tensor, dict)):
-        return _tensor_batches(calib, "the calibration data", model, example, batch_size)
-    if isinstance(calib, Iterable):
-        return _iterable_batches(calib, model, example)
-    raise CalibrationError(f"calibration data of type {type(calib).__name__} is not supported; pass a file "
-                           "path, a tensor, a dict of tensors or an iterable of batches")
+            batches = _tensor_batches(data, str(path), model, example, batch_size)
+        else:
+            raise CalibrationError(f"{path}: unknown calibration format {suffix or '(none)'!r}; pass .txt (one "
+                                   "example per line), .pt or .safetensors (a tensor of examples)")
+    elif isinstance(calib, (torch.Tensor, dict)):
+        batches = _tensor_batches(calib, "the calibration data", model, example, batch_size)
+    elif isinstance(calib, Iterable):
+        batches = _iterable_batches(calib, model, example)
+    else:
+        raise CalibrationError(f"calibration data of type {type(calib).__name__} is not supported; pass a file "
+                               "path, a tensor, a dict of tensors or an iterable of batches")
+    start = _decoder_start(model)
+    if start is None:
+        return batches
+    return _Sized((_with_decoder_inputs(batch, start) for batch in batches), batches.size, batches.what)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a model with a table of learned positions takes (``config.max_position_embeddings``,
+    GPT-2's ``n_positions``); None when its config names none."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _decoder_start(model: nn.Module) -> int | None:
+    """The decoder start token of an encoder-decoder model that takes ``decoder_input_ids``, else None."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    accepted = _keyword_inputs(model)
+    if accepted is not None and "decoder_input_ids" not in accepted:
+        return None
+    for source, name in ((config, "decoder_start_token_id"), (getattr(model, "generation_config", None),
+                                                              "decoder_start_token_id"), (config, "pad_token_id")):
+        start = getattr(source, name, None)
+        if isinstance(start, int):
+            return start
+    return None
+
+
+def _with_decoder_inputs(batch: Batch, start: int) -> Batch:
+    """An encoder-decoder batch without decoder inputs gets the input ids shifted right behind the decoder
+    start token (teacher forcing on the input itself, as T5 and BART train), so the decoder FFNs run too."""
+    args, kwargs, mask = batch
+    if "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs or len(args) > 1:
+        return batch
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
+        return batch
+    shifted = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+    return args, {**kwargs, "decoder_input_ids": shifted}, mask
+
+
+def run_calibration_batch(model: nn.Module, args: tuple, kwargs: dict, what: str, index: int) -> Any:
+    """``model(*args, **kwargs)``; a failure is one :class:`CalibrationError` naming the data and the batch."""
+    try:
+        return model(*args, **kwargs)
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"{what}: batch {index} failed in the model ({_first_line(exc)})"
+                               f"{_failure_hint(model, args, kwargs)}") from None
+
+
+def _failure_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    limit = max_positions(model)
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit:
+        return (f"; its sequences have {ids.shape[1]} tokens, above the model's {limit} positions: truncate "
+                f"them to {limit}")
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+        return "; an encoder-decoder model also needs decoder inputs: give a dict with 'decoder_input_ids'"
+    return "; check that the data fits the model's inputs"
 
 
 def _load_tensor_file(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -486,13 +553,8 @@ def record_ffns(
             for args, kwargs, mask in batches:
                 token = _TOKEN_MASK.set(mask)
                 try:
-                    model(*args, **kwargs)
-                except CalibrationError:
-                    raise
-                except Exception as exc:
-                    what = getattr(batches, "what", "the calibration data")
-                    raise CalibrationError(f"{what}: batch {batch_count} failed in the model ({_first_line(exc)}); "
-                                           "check that the data fits the model's inputs") from None
+                    run_calibration_batch(model, args, kwargs, getattr(batches, "what", "the calibration data"),
+                                          batch_count)
                 finally:
                     _TOKEN_MASK.reset(token)
                 batch_count += 1

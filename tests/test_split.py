@@ -291,6 +291,30 @@ def test_text_calibration_uses_the_models_tokenizer_when_it_has_one(tmp_path):
     assert torch.equal(mask, want["attention_mask"].bool())
 
 
+def test_an_encoder_decoder_model_calibrates_on_plain_token_ids(tmp_path):
+    """T5 from token ids alone (a tensor, a .txt file): the decoder reads the ids shifted right behind its start
+    token, so every decoder FFN is calibrated too, for convert and for partition's routing statistics."""
+    from moefx.placement.stats import calibration_batches as placement_batches
+    from moefx.placement.stats import record_stats
+
+    dense = tiny_hf_model("t5")
+    ids = _ids(3, batch=8, seq=9)
+    (_, kwargs, _), = calibration_batches(ids, dense, None, batch_size=8)
+    start = dense.config.pad_token_id  # T5 starts its decoder with the padding token
+    assert torch.equal(kwargs["decoder_input_ids"], torch.cat([torch.full((8, 1), start), ids[:, :-1]], dim=1))
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox\njumps over the lazy dog today\n")
+    (_, kwargs, mask), = calibration_batches(text, dense, None)
+    assert kwargs["decoder_input_ids"].shape == kwargs["input_ids"].shape == mask.shape == (2, 6)
+    moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2), calib=ids)
+    assert [d["partition"] for d in moe.moefx_info.layers] == ["coactivation"] * 4  # 2 encoder + 2 decoder
+    torch.save(ids, tmp_path / "ids.pt")
+    stats = record_stats(moe, placement_batches(moe, tmp_path / "ids.pt"))
+    assert stats.tokens.tolist() == [72.0] * 4
+    stats = record_stats(moe, placement_batches(moe, text))  # padding tokens are not counted
+    assert stats.tokens.tolist() == [10.0] * 4
+
+
 @pytest.mark.parametrize("data, says", [
     (torch.randn(4, 6), "dtype float32"),
     (torch.randint(0, 9, (4,)), "has 2 dimensions"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from moefx.calibrate import Batch, run_calibration_batch
+from moefx.calibrate import calibration_batches as moefx_calibration_batches
 from moefx.errors import MoefxError
-from moefx.io import _first_line, set_mode
+from moefx.io import set_mode
+from moefx.progress import progress
 
 __all__ = ["LoadStats", "calibration_batches", "record_stats", "synthetic_stats"]
 
@@ -122,13 +124,14 @@ def model_bytes(model: nn.Module) -> tuple[list[int], int]:
     return per_expert, shared
 
 
-def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> LoadStats:
-    """Run ``model`` (eval, no grad) on each ``(args, kwargs)`` batch and count expert loads.
+def record_stats(model: nn.Module, batches: Iterable[tuple]) -> LoadStats:
+    """Run ``model`` (eval, no grad) on each batch, ``(args, kwargs)`` or ``(args, kwargs, mask)`` as
+    :func:`calibration_batches` gives them, and count expert loads.
 
     Hooks on each MoE layer's router read the routing of every call: token-choice routers give
-    ``expert_index [T, k]`` (dropped assignments, ``-1``, are not counted); Soft MoE counts slots (every
-    expert processes ``groups * slots_per_expert`` slots; slots mix tokens, so co-selection and transitions
-    stay zero).
+    ``expert_index [T, k]`` (dropped assignments, ``-1``, are not counted, nor are padding tokens where the
+    batch has a ``[batch, seq]`` mask of real tokens); Soft MoE counts slots (every expert processes
+    ``groups * slots_per_expert`` slots; slots mix tokens, so co-selection and transitions stay zero).
     """
     layers = _moe_layers(model)
     names = [name for name, _ in layers]
@@ -162,6 +165,8 @@ def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> Loa
                 calls.append((i, None))
                 return
             index = output.expert_index.detach().cpu().long()  # [T, k]
+            if mask is not None and index.shape[0] == mask.numel():
+                index = index[mask.reshape(-1).cpu()]  # real tokens only
             tokens[i] += index.shape[0]
             valid = index >= 0
             loads[i] += np.bincount(index[valid].numpy(), minlength=E)[:E]
@@ -173,18 +178,23 @@ def record_stats(model: nn.Module, batches: Iterable[tuple[tuple, dict]]) -> Loa
 
         return hook
 
+    mask: torch.Tensor | None = None
     handles = [layer.router.register_forward_hook(hook_for(i)) for i, (_, layer) in enumerate(layers)]
     was_training = model.training
     set_mode(model, False)
+    what = getattr(batches, "what", "the calibration data")
     try:
-        with torch.no_grad():
-            any_batch = False
-            for args, kwargs in batches:
-                any_batch = True
+        with torch.no_grad(), progress(total=getattr(batches, "size", None), desc="routing", unit="batch") as bar:
+            count = 0
+            for batch in batches:
+                args, kwargs = batch[:2]
+                mask = batch[2] if len(batch) > 2 else None
                 calls.clear()
-                model(*args, **kwargs)
+                run_calibration_batch(model, args, kwargs, what, count)
                 _add_transitions(calls, transitions, E)
-            if not any_batch:
+                count += 1
+                bar.update(1)
+            if not count:
                 raise MoefxError("no calibration batches: pass --calib with at least one example")
     finally:
         for h in handles:
@@ -217,93 +227,22 @@ def _add_transitions(calls: list[tuple[int, torch.Tensor | None]], transitions: 
 
 def calibration_batches(
     model: nn.Module, calib: str | os.PathLike | None, *, batch_size: int = 8, seq_len: int = 64
-) -> list[tuple[tuple, dict]]:
-    """Forward-pass inputs for :func:`record_stats`.
+) -> Iterable[Batch]:
+    """Forward-pass batches ``(args, kwargs, mask)`` for :func:`record_stats`.
 
-    ``calib`` is None (use the example inputs recorded at conversion, ``model.moefx_info.inputs``), a tensor
-    file (``.pt`` loaded with ``weights_only=True``, or ``.safetensors``; a tensor or a dict with
-    ``input_ids``) whose rows are examples, or a ``.txt`` file: one example per line, each word hashed
-    (crc32) into the model's vocabulary — there is no tokenizer for a randomly initialised model, so text
-    only gives routing statistics of that hashing, not of real tokens.
+    ``calib`` is None (the example inputs recorded at conversion, ``model.moefx_info.inputs``) or a file that
+    :func:`moefx.calibrate.calibration_batches` reads, with the same checks as ``convert --calib``: a tensor
+    file (``.pt`` loaded with ``weights_only=True``, or ``.safetensors``; a tensor of examples, or a dict of
+    them named like the model's inputs) or a ``.txt`` file, one example per line (cut to ``seq_len`` tokens),
+    tokenized with the model's tokenizer when moefx finds one, else each word hashed into its vocabulary.
     """
     info = getattr(model, "moefx_info", None)
     recorded = getattr(info, "inputs", None)
     if calib is None:
         if recorded is None:
             raise MoefxError("the model has no recorded example inputs; pass --calib FILE (.pt, .safetensors or .txt)")
-        return [recorded]
-    path = Path(calib)
-    if not path.exists():
-        raise MoefxError(f"{path}: no such calibration file")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        data = _hash_text(path, model, seq_len)
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise MoefxError(f"{path}: truncated or corrupt safetensors file ({_first_line(exc)}); save the "
-                             "calibration tensor again (safetensors.torch.save_file)") from None
-        data = _pick_tensor(tensors, path)
-    elif suffix in {".pt", ".pth"}:
-        try:
-            # weights_only: a calibration file holds tensors, so a pickle that would run code is refused unrun
-            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
-                warnings.simplefilter("ignore", UserWarning)
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise MoefxError(f"{path}: not a tensor file loadable with weights_only=True ({_unpickling_reason(exc)}); "
-                             "save a plain tensor (torch.save(tensor, path)) or use .safetensors") from None
-        data = _pick_tensor(obj, path)
-    else:
-        raise MoefxError(f"{path}: unknown calibration format {suffix!r}; pass .txt, .pt or .safetensors")
-    uses_kwarg = recorded is not None and not recorded[0] and "input_ids" in recorded[1]
-    batches = []
-    for start in range(0, data.shape[0], batch_size):
-        chunk = data[start : start + batch_size]
-        batches.append(((), {"input_ids": chunk}) if uses_kwarg else ((chunk,), {}))
-    return batches
-
-
-def _unpickling_reason(exc: Exception) -> str:
-    """The point of torch's (many-line) weights_only refusal, without its advice to load with weights_only=False."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        rest = text.split("WeightsUnpickler error:", 1)[1]
-        return next((line.strip() for line in rest.splitlines() if line.strip()), "refused")[:200]
-    return _first_line(exc)
-
-
-def _pick_tensor(obj: Any, path: Path) -> torch.Tensor:
-    if isinstance(obj, dict):
-        if "input_ids" in obj:
-            obj = obj["input_ids"]
-        elif len(obj) == 1:
-            obj = next(iter(obj.values()))
-    if not isinstance(obj, torch.Tensor) or obj.dim() == 0:
-        raise MoefxError(f"{path}: expected a tensor of examples (or a dict with 'input_ids')")
-    return obj
-
-
-def _hash_text(path: Path, model: nn.Module, seq_len: int) -> torch.Tensor:
-    import zlib
-
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not vocab:
-        raise MoefxError(f"{path}: text calibration needs a model with config.vocab_size; pass a tensor file instead")
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        words = line.split()
-        if not words:
-            continue
-        ids = [zlib.crc32(w.encode()) % vocab for w in words][:seq_len]
-        rows.append(ids + [ids[-1]] * (seq_len - len(ids)) if len(ids) < seq_len else ids)
-    if not rows:
-        raise MoefxError(f"{path}: has no non-empty lines")
-    width = min(seq_len, max(len(r) for r in rows))
-    return torch.tensor([r[:width] for r in rows], dtype=torch.long)
+        return [(*recorded, None)]
+    return moefx_calibration_batches(calib, model, recorded, batch_size=batch_size, max_length=seq_len)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -690,6 +690,37 @@ def empty_calibration(ws, command):
     return expect(ws.partition(ws.assets.converted, calib=path), MoefxError, "calib.pt", "weights_only")
 
 
+@case("calibration ids outside the vocabulary", "partition")
+def partition_ids_out_of_vocabulary(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.randint(200, 300, (4, 6)), path)  # the tiny BERT's vocabulary is 96
+    return expect(ws.partition(ws.assets.converted_hf, calib=path), MoefxError, "calib.pt", "outside the model's "
+                  "vocabulary [0, 96)")
+
+
+@case("float calibration data for a model of token ids", "partition")
+def partition_float_ids(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.rand(4, 6), path)
+    return expect(ws.partition(ws.assets.converted_hf, calib=path), MoefxError, "calib.pt", "has dtype float32",
+                  "pass integer token ids")
+
+
+@case("calibration sequences longer than the model's positions", "partition")
+def partition_sequences_too_long(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.randint(0, 96, (2, 600)), path)  # BERT: 512 learned positions
+    return expect(ws.partition(ws.assets.converted_hf, calib=path), MoefxError, "calib.pt", "batch 0 failed",
+                  "600 tokens, above the model's 512 positions")
+
+
+@case("calibration tensor of another rank than the model's input", "partition")
+def partition_calibration_wrong_rank(ws, command):
+    path = ws.path("calib.pt")
+    torch.save(torch.randn(4, 5, 16, 2), path)  # the toy model takes [batch, seq, 16]
+    return expect(ws.partition(ws.assets.converted, calib=path), MoefxError, "calib.pt", "has shape [4, 5, 16, 2]")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Outputs: existing, unwritable, full disk
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "dtype_from_safetensors",
     "file_order",
     "header_bytes",
+    "hf_key_resolver",
     "lazy_state_dict",
     "read_header",
     "read_tensor",
@@ -319,3 +320,39 @@ def lazy_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
 def iter_entries(files: Iterable[Path]) -> Iterator[TensorEntry]:
     for path in files:
         yield from read_header(path)[0].values()
+
+
+def hf_key_resolver(model: torch.nn.Module, keys: Iterable[str]) -> Callable[[str], str | None]:
+    """``resolve(name)``: the checkpoint key, among ``keys``, that holds the model's tensor ``name``, or None.
+
+    A transformers model loads a checkpoint whose names differ from its own in two ways, and so does this: the
+    base-model prefix (``bert.``) present on one side only, and the renamings transformers applies on load
+    (GPT-NeoX's ``embed_out.`` is ``lm_head.``, old ``LayerNorm.gamma`` is ``.weight``). Conversions that
+    merge or split tensors are not renamings: their keys resolve to nothing.
+    """
+    keys = set(keys)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    renamed: dict[str, str] = {}  # the model's name -> the checkpoint's
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        for key in keys:
+            new, converter = rename_source_key(key, renamings, converters)
+            if converter is None and new != key:
+                renamed.setdefault(new, key)
+    except Exception:  # not a transformers model, or a transformers without these mappings: names as they are
+        renamed = {}
+
+    def resolve(name: str) -> str | None:
+        for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}" if prefix else name):
+            if candidate in keys:
+                return candidate
+            if candidate in renamed:
+                return renamed[candidate]
+        return None
+
+    return resolve

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import TensorEntry, read_tensor
+from .checkpoint import TensorEntry, hf_key_resolver, read_tensor
 from .errors import ModelLoadError, MoefxError
 
 __all__ = ["FFNActivations", "LayerwiseRunner"]
@@ -70,7 +70,7 @@ class LayerwiseRunner:
         cls = _hf_class(config_dict)
         self.dtype = dtype or _resolve_dtype(hf_config, self.entries)
         self.model = build_without_weights(cls, hf_config, dtype=self.dtype, real_buffers=True)
-        self._prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self._resolve = hf_key_resolver(self.model, self.entries)
         # Find the FFNs on an all-meta twin (the sample pass needs meta inputs and meta buffers).
         twin = build_without_weights(cls, hf_config, dtype=self.dtype)
         from .hf import dummy_inputs
@@ -102,11 +102,10 @@ class LayerwiseRunner:
 
     # -- loading and releasing weights -------------------------------------------------------------------
     def _key(self, name: str) -> TensorEntry:
-        p = self._prefix
-        for key in (name, name.removeprefix(p + "."), f"{p}.{name}" if p else name):
-            if key in self.entries:
-                return self.entries[key]
-        raise ModelLoadError(f"{self.source_dir}: the checkpoint has no tensor for {name}")
+        key = self._resolve(name)
+        if key is None:
+            raise ModelLoadError(f"{self.source_dir}: the checkpoint has no tensor for {name}")
+        return self.entries[key]
 
     def _load(self, module: nn.Module, prefix: str, skip: str | None = None) -> int:
         """Read the parameters of ``module`` (dense names under ``prefix``) from the checkpoint; returns bytes."""

@@ -48,6 +48,7 @@ from .checkpoint import (
     ShardWriter,
     TensorEntry,
     checkpoint_files,
+    hf_key_resolver,
     read_header,
     read_tensor,
     sha256_file,
@@ -219,14 +220,10 @@ def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, 
     for name, t in [*dense.named_parameters(remove_duplicate=False), *dense.named_buffers(remove_duplicate=False)]:
         names_of.setdefault(id(t), []).append(name)
     objects = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
-    prefix = getattr(dense, "base_model_prefix", "") or ""
+    resolve = hf_key_resolver(dense, entries)
 
     def checkpoint_key(t: torch.Tensor) -> str | None:
-        for name in names_of.get(id(t), []):
-            for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}" if prefix else name):
-                if key in entries:
-                    return key
-        return None
+        return next((key for name in names_of.get(id(t), []) if (key := resolve(name)) is not None), None)
 
     analysis = _analyze(dense, ((), meta_inputs), config)
     index_of = {f.name: i for i, f in enumerate(analysis.ffns)}

@@ -50,6 +50,9 @@ def _hf_dir(root: Path, name: str, dtype=torch.bfloat16) -> Path:
     elif name == "bert-chunked":  # its FFN applied to the sequence in chunks (turned off by the conversion)
         model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
                                            intermediate_size=64, chunk_size_feed_forward=2))
+    elif name == "gpt-neox":  # its checkpoint names the head embed_out, which transformers renames lm_head
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, vocab_size=96))
     elif name == "phi3":  # one fused gate_up projection, split into two halves
         model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                  num_key_value_heads=2, intermediate_size=64, vocab_size=96,
@@ -90,7 +93,8 @@ def test_shard_writer_writes_what_safetensors_writes(tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "init"), [("llama", "upcycle"), ("llama", "random"), ("llama-tied", "upcycle"),
-                                            ("gpt2", "random"), ("phi3", "upcycle"), ("bert-chunked", "random")])
+                                            ("gpt2", "random"), ("phi3", "upcycle"), ("bert-chunked", "random"),
+                                            ("gpt-neox", "upcycle")])
 def test_streamed_output_equals_in_memory_conversion_byte_for_byte(tmp_path, arch, init):
     src = _hf_dir(tmp_path, arch)
     config = moefx.MoEConfig(num_experts=4, top_k=2, init=init, expert_size=16 if init == "random" else None, seed=3)

@@ -741,6 +741,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def test_a_bfloat16_model_is_refused_by_the_check_with_advice_and_exports_as_float16(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: the check says so in one line (exit 2, nothing
+    written) and names the ways out, which both work: --dtype float16, and --no-verify (bfloat16 weights)."""
+    from moefx.cli import main
+
+    dense = tiny_hf_model("llama").to(torch.bfloat16)
+    moefx.save(moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2)), tmp_path / "out")
+    onnx_path = tmp_path / "m.onnx"
+    result = run_cli("export", str(tmp_path / "out"), "-o", str(onnx_path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot run this bfloat16 model" in result.stderr and "--dtype float16" in result.stderr
+    assert not onnx_path.exists() and "a bug in moefx" not in result.stderr
+    assert main(["export", str(tmp_path / "out"), "-o", str(onnx_path), "--dtype", "float16", "-q"]) == 0
+    loaded = moefx.load(tmp_path / "out").to(torch.float16)
+    assert ort_vs_torch(onnx_path, loaded, hf_inputs("llama", 2, 5, seed=1)) <= 5e-3
+    assert main(["export", str(tmp_path / "out"), "-o", str(onnx_path), "--no-verify", "--force", "-q"]) == 0
+    import onnx
+
+    weights = onnx.load(str(onnx_path)).graph.initializer
+    assert {w.data_type for w in weights if len(w.dims) == 2} == {onnx.TensorProto.BFLOAT16}  # the weights
+
+
 @pytest.mark.slow
 def test_cli_export_of_a_saved_model(tmp_path):
     moe = moefx.convert(tiny_hf_model("llama"), moefx.MoEConfig(num_experts=4, top_k=2, init="random"))

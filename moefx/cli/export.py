@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
+
+import torch
 
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
@@ -18,6 +21,7 @@ _EXAMPLES = """examples:
   moefx export out/ -o model.onnx --unfused          standard ONNX ops only (any ONNX runtime)
   moefx export out/ -o model.onnx --exact --force    keep exact-GELU layers unfused (no tanh approximation)
   moefx export out/ -o model.onnx --json report.json
+  moefx export out/ -o model.onnx --dtype float16    a bfloat16 model as float16 (ORT's CPU provider has no bf16)
   moefx export out/ -o model.onnx --gather-experts   per-expert Gather + MatMul (ORT pre-packs: faster prefill)
   moefx export out/ -o model.onnx --task-ids token   task router: one task id per token (graph input task_ids)
 """
@@ -48,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--task-ids", choices=("example", "token"), default=None,
                         help="models with router='task': the graph input task_ids holds one id per example "
                              "([batch], the default) or per token ([batch, seq])")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="export the weights (and floating-point inputs) in this dtype (default: the model's); "
+                             "ONNX Runtime's CPU provider runs float32 and float16, not bfloat16")
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's, >= 18)")
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="weights in FILE.onnx.data: auto (above 1.5 GiB), always or never")
@@ -77,6 +84,19 @@ def load_converted(spec: str, *, trust_remote_code: bool = False):
     return source.model, source.example_inputs
 
 
+def _cast(model, inputs, dtype):
+    """The model's floating-point weights and buffers, and its floating-point example inputs, in ``dtype``."""
+    from torch.utils import _pytree as pytree
+
+    recorded = getattr(getattr(model, "moefx_info", None), "inputs", None)
+    model = model.to(dtype)
+    cast = functools.partial(pytree.tree_map, lambda x: x.to(dtype) if isinstance(x, torch.Tensor)
+                             and x.is_floating_point() else x)
+    if recorded is not None:
+        model.moefx_info.inputs = cast(recorded)
+    return model, None if inputs is None else cast(inputs)
+
+
 def run(args: argparse.Namespace) -> int:
     from moefx.onnx.export import check_opset
 
@@ -101,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
     from moefx.onnx import export_onnx
 
+    if args.dtype is not None:
+        model, inputs = _cast(model, inputs, getattr(torch, args.dtype))
     args_, kwargs = inputs if inputs is not None else (None, None)
     report = export_onnx(
         model, args_, args.output, example_kwargs=kwargs, fused=not args.unfused, exact=args.exact,

@@ -687,6 +687,12 @@ def _check(path: Path) -> None:
         raise OnnxExportError(f"the exported model fails onnx.checker: {_first_line(exc)} (a bug in moefx)") from exc
 
 
+def _has_bfloat16(path: Path) -> bool:
+    """Whether the (staged) ONNX file holds bfloat16 weights, read without their data."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.BFLOAT16 for t in model.graph.initializer)
+
+
 def _verify(path: Path, tensors: list[torch.Tensor], reference: Any, input_names: list[str]) -> dict[str, Any]:
     """Run the file once with ONNX Runtime on the example inputs and compare with the torch outputs."""
     try:
@@ -698,6 +704,12 @@ def _verify(path: Path, tensors: list[torch.Tensor], reference: Any, input_names
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
+        if "NOT_IMPLEMENTED" in str(exc) and (any(t.dtype == torch.bfloat16 for t in tensors) or _has_bfloat16(path)):
+            raise MoefxError(
+                f"ONNX Runtime's CPU provider cannot run this bfloat16 model ({_first_line(exc)}); export it as "
+                "float16 or float32 (moefx export --dtype float16), or skip the check with --no-verify for a "
+                "runtime that has bfloat16 kernels"
+            ) from None
         raise OnnxExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)} (a bug in moefx)") from exc
     by_name = dict(zip(input_names, tensors))
     graph_inputs = [i.name for i in session.get_inputs()]

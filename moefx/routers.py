@@ -689,7 +689,8 @@ class TaskRouter(Router):
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__(config)
         if config.num_tasks is None:
-            raise ConfigError("router='task' needs num_tasks, e.g. MoEConfig(router='task', num_tasks=4)")
+            raise ConfigError("router='task' needs num_tasks, the number of task ids it learns a route for "
+                              "(e.g. num_tasks=4)")
         self.num_tasks = config.num_tasks
         self.top_k = config.top_k
         self.normalize_weights = config.normalize_weights
@@ -727,6 +728,14 @@ class TaskRouter(Router):
             bad = ids[(ids < 0) | (ids >= self.num_tasks)]
             if bad.numel():
                 self._check_task(int(bad[0]))
+        else:
+            # An exported graph cannot raise: an id out of range becomes num_tasks, which its Gather rejects at
+            # run time (a negative id would otherwise wrap around to a real task). The checks tie the ids'
+            # symbolic sizes to the model input's batch (and sequence).
+            torch._check(ids.shape[0] == groups)
+            if per_token:
+                torch._check(ids.shape[1] == m)
+            ids = torch.where((ids >= 0) & (ids < self.num_tasks), ids, self.num_tasks)
         ids = ids.to(device=device, dtype=torch.long)
         if per_token:
             return ids.reshape(num_tokens)

@@ -614,6 +614,8 @@ def test_task_router_takes_task_ids_as_a_graph_input(tmp_path, name, per):
     task_input = next(i for i in session(path).get_inputs() if i.name == "task_ids")
     assert task_input.type == "tensor(int64)" and len(task_input.shape) == (2 if per == "token" else 1)
     assert all(isinstance(d, str) for d in task_input.shape)  # dynamic batch (and sequence)
+    ids_input = next(i for i in session(path).get_inputs() if i.name == "input_ids")
+    assert task_input.shape == ids_input.shape[:len(task_input.shape)]  # the same symbols: one batch, one sequence
 
     inputs = hf_inputs(name, batch=3, seq=5, seed=1)  # export used batch 2, seq 8
     g = torch.Generator().manual_seed(2)
@@ -625,6 +627,10 @@ def test_task_router_takes_task_ids_as_a_graph_input(tmp_path, name, per):
         assert error <= 1e-4, f"task ids {ids.tolist()}: max abs error {error:.2e}"
         outputs.append(session(path).run(None, {k: v.numpy() for k, v in {**inputs, "task_ids": ids}.items()})[0])
     assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the ids really change the route
+    for bad in (-1, 3):  # a task id out of range is an error, as in torch; -1 must not wrap around to task 2
+        ids = torch.full_like(cases[0], bad)
+        with pytest.raises(Exception, match="out of data bounds"):
+            session(path).run(None, {k: v.numpy() for k, v in {**inputs, "task_ids": ids}.items()})
 
 
 def test_task_ids_for_a_model_without_task_routers_is_an_error(tmp_path, small_moe):

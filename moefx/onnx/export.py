@@ -160,7 +160,8 @@ def export_onnx(
     tasks = _task_ids_input(layers, task_ids, args, kwargs)
     if tasks is not None:
         per = "token ([batch, seq])" if tasks.dim() == 2 else "example ([batch])"
-        notes.append(f"task-routed layers read the graph input {TASK_IDS_INPUT!r} (int64, one task id per {per})")
+        notes.append(f"task-routed layers read the graph input {TASK_IDS_INPUT!r} (int64, one task id per {per}; "
+                     "an id outside [0, num_tasks) fails the run)")
 
     with _output_staging(path, force) as staging:
         with _eval_mode(model), torch.no_grad(), _task_context(tasks):
@@ -218,8 +219,8 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict 
         inputs = getattr(getattr(model, "moefx_info", None), "inputs", None)
         if inputs is None:
             raise MoefxError(
-                f"no example inputs for {type(model).__name__}: pass example_inputs (the model was converted "
-                "without any, so none were recorded)"
+                f"no example inputs for {type(model).__name__}: pass example_inputs (moefx export --inputs FILE; "
+                "the model was converted without any, so none were recorded)"
             )
     args, kwargs = inputs
     return tuple(args), dict(kwargs)

@@ -160,7 +160,7 @@ BAD_CASES = {
     "untraceable": (["convert", "toy_models:untraceable", "-o", "{tmp}/o"],
                     ["blocks.0.ffn", "no tracer could capture DataDependentFFN"]),
     "top-k > experts": (["convert", "toy_models:stack_of_mlps", "--experts", "2", "--top-k", "3"],
-                        ["--top-k=3 is larger than --experts=2"]),
+                        ["--top-k 3 is larger than --experts 2"]),
     "zero experts": (["convert", "toy_models:stack_of_mlps", "--experts", "0"], ["--experts must be at least 1"]),
     "negative capacity": (["convert", "toy_models:stack_of_mlps", "--capacity-factor", "-1"],
                           ["--capacity-factor must be a positive finite number"]),
@@ -273,6 +273,38 @@ def test_export_onnx_refuses_a_report_path_that_is_the_model_file(tmp_path):
     with pytest.raises(moefx.MoefxError, match="already exists"):
         export_onnx(moe, inputs, path, report_path=tmp_path / "r.json")
     assert not path.exists() and (tmp_path / "r.json").read_text() == "keep"
+
+
+def test_export_takes_example_inputs_when_none_were_recorded(tmp_path, capsys):
+    model, inputs = __import__("toy_models").stack_of_mlps()
+    moe = moefx.convert(model, moefx.MoEConfig(num_experts=2), inputs)
+    moe.moefx_info.inputs = None  # as for a model converted without example inputs
+    torch.save(moe, tmp_path / "moe.pt")
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "moe.pt"), "--trust-remote-code", "-o", str(onnx_file)]) == 2
+    assert "pass --inputs FILE" in capsys.readouterr().err and not onnx_file.exists()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    assert main(["export", str(tmp_path / "moe.pt"), "--trust-remote-code", "-o", str(onnx_file), "--inputs",
+                 str(tmp_path / "inputs.pt"), "-q"]) == 0
+    assert onnx_file.exists()
+
+
+def test_config_errors_speak_in_flags_on_the_cli(capsys):
+    assert main(["convert", "toy_models:stack_of_mlps", "--router", "task"]) == 2
+    assert "--router task needs --num-tasks, the number of task ids it learns a route for (e.g. --num-tasks 4)" \
+        in capsys.readouterr().err
+    assert main(["convert", "toy_models:stack_of_mlps", "--expert-size", "8"]) == 2
+    assert "--init upcycle copies the dense FFN, so --expert-size must be unset or 32 (got 8); use --init random" \
+        in capsys.readouterr().err
+
+
+def test_a_pickle_whose_module_cannot_be_imported_points_to_pythonpath(tmp_path):
+    model, _ = __import__("toy_models").stack_of_mlps()
+    torch.save(model, tmp_path / "m.pt")
+    env = dict(os.environ, MOEFX_QUIET="1", PYTHONPATH="")  # toy_models is not importable from here
+    result = subprocess.run([sys.executable, "-m", "moefx", "convert", str(tmp_path / "m.pt"), "--trust-remote-code",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "module 'toy_models'" in result.stderr and "PYTHONPATH" in result.stderr
 
 
 def test_failed_conversion_leaves_existing_output_untouched(tmp_path, capsys):

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--task-ids", choices=("example", "token"), default=None,
                         help="models with router='task': the graph input task_ids holds one id per example "
                              "([batch], the default) or per token ([batch, seq])")
+    parser.add_argument("--inputs", type=Path, default=None, metavar="FILE",
+                        help="example inputs to trace and check with (default: those recorded at conversion), as "
+                             "for moefx convert --inputs: a .pt tensor, tuple or dict, or a .safetensors file")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="export the weights (and floating-point inputs) in this dtype (default: the model's); "
                              "ONNX Runtime's CPU provider runs float32 and float16, not bfloat16")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} only changes fused export; drop it or drop {other}")
     if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
         raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
-    check_not_an_input(args.output, args.model)
+    check_not_an_input(args.output, args.model, args.inputs)
     model_path = Path(args.model).resolve()
     if model_path.is_dir() and model_path in args.output.resolve().parents:
         raise MoefxError(f"{args.output}: inside the model directory {args.model}, whose files it could replace; "
@@ -118,7 +121,13 @@ def run(args: argparse.Namespace) -> int:
         args.json = Path(args.json)
         check_side_file("--json", args.json, args.model, force=args.force,
                         taken={"-o": args.output, "-o's external data": Path(f"{args.output}.data")})
+    from moefx.io import load_example_inputs
+
+    example = load_example_inputs(args.inputs) if args.inputs is not None else None
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
+    inputs = example or inputs
+    if inputs is None and getattr(getattr(model, "moefx_info", None), "inputs", None) is None:
+        raise MoefxError(f"{args.model}: no example inputs were recorded with this model; pass --inputs FILE")
     from moefx.onnx import export_onnx
 
     if args.dtype is not None:

@@ -412,8 +412,15 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
             try:
                 out = model(*args, **kwargs)
             except Exception as exc:
-                raise MoefxError(f"the model failed on its example inputs ({_one_line(exc)}); pass inputs its "
-                                 "forward accepts (--inputs FILE, or example_inputs=)") from exc
+                from .calibrate import max_positions
+
+                limit = max_positions(model)
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                longer = isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit
+                why = (f"their {ids.shape[1]} tokens exceed the model's {limit} positions; pass shorter inputs"
+                       if longer else "pass inputs its forward accepts")
+                raise MoefxError(f"the model failed on its example inputs ({_one_line(exc)}); {why} "
+                                 "(--inputs FILE, or example_inputs=)") from exc
         record.output = pytree.tree_map(_detach, out)
         memo: dict[int, set[str] | None] = {}
         for down, fn in grad_fn_in.items():

@@ -191,8 +191,8 @@ class MoEConfig:
         if router == "task":
             if self.num_tasks is None:
                 raise ConfigError(
-                    "router='task' needs num_tasks, the number of task ids it learns a route for, "
-                    "e.g. MoEConfig(router='task', num_tasks=4)"
+                    "router='task' needs num_tasks, the number of task ids it learns a route for "
+                    "(e.g. num_tasks=4)"
                 )
             if self.capacity_factor is not None:
                 raise ConfigError(

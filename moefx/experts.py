@@ -46,7 +46,7 @@ def upcycle_experts(match: FFNMatch, config: MoEConfig, layer_index: int) -> Exp
     """Sparse Upcycling: every expert is a copy of the dense FFN (plus optional symmetry-breaking noise)."""
     if config.expert_size not in (None, match.hidden_features):
         raise ConfigError(
-            f"init='upcycle' copies the dense FFN, so expert_size must be None or {match.hidden_features} "
+            f"init='upcycle' copies the dense FFN, so expert_size must be unset or {match.hidden_features} "
             f"(got {config.expert_size}); use init='random' for experts of another size"
         )
     bank = _empty_bank(match, config, match.hidden_features)

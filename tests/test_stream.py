@@ -279,7 +279,7 @@ def test_cli_stream_and_bad_inputs(tmp_path, capsys):
 
     bad([str(tmp_path / "missing")], "no such directory")
     bad([str(src), "--max-shard-size", "lots"], "is not a size")
-    bad([str(src), "--init", "upcycle", "--expert-size", "3"], "--expert-size must be None or 64")
+    bad([str(src), "--init", "upcycle", "--expert-size", "3"], "--expert-size must be unset or 64")
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((src / "config.json").read_text())

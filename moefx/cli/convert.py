@@ -200,7 +200,10 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
 def _in_flag_terms(message: str) -> str:
     message = message.replace("allow_noncausal=True", "allow_noncausal")
     fields = "|".join(sorted(FIELD_FLAGS, key=len, reverse=True))
-    return re.sub(rf"\b({fields})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
+    # field='value' -> --flag value, then the bare field names
+    message = re.sub(rf"(?<![-\w])({fields})=('?)([\w.+-]+)\2", lambda m: f"{FIELD_FLAGS[m.group(1)]} {m.group(3)}",
+                     message)
+    return re.sub(rf"(?<![-\w])({fields})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
 
 
 def default_output(model: str) -> Path:

@@ -250,11 +250,13 @@ class Workspace:
         return Invocation(cli, lambda: api_bench(model, json_out=json_out, **sizes))
 
     def partition(self, model: str | Path, *, out: Path | None = None, devices: int = 2,
-                  calib: Path | None = None, force: bool = False) -> Invocation:
+                  calib: Path | None = None, force: bool = False, load_tolerance: float | None = None) -> Invocation:
         out = out or self.path("plan")
         cli = ["partition", str(model), "--devices", str(devices), "-o", str(out), "--no-png",
-               *(["--calib", str(calib)] if calib is not None else []), *(["--force"] if force else [])]
-        return Invocation(cli, lambda: api_partition(model, out, devices=devices, calib=calib, force=force))
+               *(["--calib", str(calib)] if calib is not None else []), *(["--force"] if force else []),
+               *(["--load-tolerance", str(load_tolerance)] if load_tolerance is not None else [])]
+        return Invocation(cli, lambda: api_partition(model, out, devices=devices, calib=calib, force=force,
+                                                     load_tolerance=load_tolerance or 0.0))
 
     def read(self, command: str, model: str | Path, *, trust: bool = False) -> Invocation:
         """``command`` reading ``model`` with its other arguments valid."""
@@ -312,14 +314,14 @@ def api_bench(model, *, json_out=None, batches=(1,), seqs=(4,)):
     return report
 
 
-def api_partition(model, out, *, devices=2, calib=None, force=False):
+def api_partition(model, out, *, devices=2, calib=None, force=False, load_tolerance=0.0):
     from moefx.placement.planner import model_fingerprint, plan_placement
     from moefx.placement.shards import write_partition
     from moefx.placement.stats import calibration_batches, record_stats
 
     converted = moefx.load(model)
     stats = record_stats(converted, calibration_batches(converted, calib))
-    plan = plan_placement(stats, devices, fingerprint=model_fingerprint(converted))
+    plan = plan_placement(stats, devices, fingerprint=model_fingerprint(converted), load_tolerance=load_tolerance)
     return write_partition(converted, plan, out, stats=stats, picture=False, force=force)
 
 
@@ -631,7 +633,7 @@ def zero_top_k(ws, command):
 @case("--top-k larger than --experts", "convert")
 def top_k_above_experts(ws, command):
     return expect(ws.convert(FACTORY, "--experts", "2", "--top-k", "3", num_experts=2, top_k=3), ConfigError,
-                  ("--top-k=3 is larger than --experts=2", "top_k=3 is larger than num_experts=2"))
+                  ("--top-k 3 is larger than --experts 2", "top_k=3 is larger than num_experts=2"))
 
 
 @case("negative --capacity-factor", "convert")
@@ -654,6 +656,12 @@ def old_opset(ws, command):
 def zero_batch(ws, command):
     return expect(ws.bench(ws.assets.converted, batches=[0]), ConfigError, ("--batch", "batch"),
                   "not a positive integer")
+
+
+@case("negative --load-tolerance", "partition")
+def negative_load_tolerance(ws, command):
+    return expect(ws.partition(ws.assets.converted, load_tolerance=-0.5), MoefxError, "--load-tolerance",
+                  "finite number >= 0", "got -0.5")
 
 
 @case("--devices 0", "partition")
@@ -817,6 +825,14 @@ def inputs_not_accepted(ws, command):
     torch.save((torch.randn(2, 5, 16), torch.randn(3)), path)  # one positional input too many
     return expect(ws.convert(FACTORY, inputs=path), MoefxError, ("--inputs", "example_inputs="),
                   "failed on its example inputs", "TypeError")
+
+
+@case("--inputs longer than the model's positions", "convert")
+def inputs_too_long(ws, command):
+    path = ws.path("inputs.pt")
+    torch.save({"input_ids": torch.randint(0, 96, (1, 700))}, path)  # the tiny BERT has 512 positions
+    return expect(ws.convert(ws.assets.hf_dir, inputs=path), MoefxError, ("--inputs", "example_inputs="),
+                  "their 700 tokens exceed the model's 512 positions")
 
 
 @case("--inputs that are not example inputs", "convert")

@@ -730,11 +730,11 @@ class TaskRouter(Router):
                 self._check_task(int(bad[0]))
         else:
             # An exported graph cannot raise: an id out of range becomes num_tasks, which its Gather rejects at
-            # run time (a negative id would otherwise wrap around to a real task). The checks tie the ids'
-            # symbolic sizes to the model input's batch (and sequence).
-            torch._check(ids.shape[0] == groups)
-            if per_token:
-                torch._check(ids.shape[1] == m)
+            # run time (a negative id would otherwise wrap around to a real task). Where the layer sees the
+            # input's [batch, seq] (not tokens flattened before the FFN), the comparison ties the ids' symbolic
+            # sizes to the input's batch (and sequence).
+            if ids.shape[0] == groups and (not per_token or ids.shape[1] == m):
+                torch._check(ids.shape[0] == groups)
             ids = torch.where((ids >= 0) & (ids < self.num_tasks), ids, self.num_tasks)
         ids = ids.to(device=device, dtype=torch.long)
         if per_token:

@@ -633,6 +633,33 @@ def test_task_router_takes_task_ids_as_a_graph_input(tmp_path, name, per):
             session(path).run(None, {k: v.numpy() for k, v in {**inputs, "task_ids": ids}.items()})
 
 
+class _FlattensTokens(nn.Module):
+    """Tokens flattened to [batch * seq, H] before the FFN: the MoE layer sees one group of all tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn = MLP(act=nn.ReLU())  # exact in the fused kernel (its GELU is the tanh approximation)
+
+    def forward(self, x):
+        return x + self.ffn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def test_per_token_task_ids_export_when_the_layer_sees_tokens_flattened(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2, init="random", router_init_std=1.0)
+    with moefx.task_ids(0):
+        model = moefx.convert(_FlattensTokens().eval(), config, (x,))
+    ids = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(1))
+    report = export_onnx(model, (x,), tmp_path / "flat.onnx", task_ids=ids)
+    assert report.verification["compared"] and report.verification["max_abs_error"] <= 1e-5
+    other = torch.randint(0, 3, (3, 4), generator=torch.Generator().manual_seed(2))
+    y = torch.randn(3, 4, 16)
+    got = session(tmp_path / "flat.onnx").run(None, {"x": y.numpy(), "task_ids": other.numpy()})[0]
+    with torch.no_grad(), moefx.task_ids(other):
+        assert np.abs(got - model(y).numpy()).max() <= 1e-5
+
+
 def test_task_ids_for_a_model_without_task_routers_is_an_error(tmp_path, small_moe):
     with pytest.raises(MoefxError, match="no task-routed MoE layer"):
         export_onnx(small_moe, None, tmp_path / "m.onnx", task_ids=[0, 1])

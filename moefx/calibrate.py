@@ -111,8 +111,14 @@ def calibration_batches(
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence a model with a table of learned positions takes (``config.max_position_embeddings``,
-    GPT-2's ``n_positions``); None when its config names none."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    GPT-2's ``n_positions``, less RoBERTa's offset of ``padding_idx + 1``); None when its config names none."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            limit = min(limit, module.num_embeddings - module.padding_idx - 1)  # positions start after padding
+    return limit
 
 
 def _decoder_start(model: nn.Module) -> int | None:

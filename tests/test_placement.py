@@ -165,6 +165,21 @@ def test_record_stats_counts_loads_coselection_and_transitions():
     assert np.allclose(soft_stats.loads, soft_stats.loads[:, :1])  # every expert processes the same slots
 
 
+def test_record_stats_leaves_out_padding_only_where_the_mask_lines_up_with_the_layer_input():
+    """A [batch, seq] mask of real tokens drops padding from the counts when the layer sees [batch, seq, H];
+    a layer that sees [seq, batch, H] (seq-first) has as many tokens, but the mask does not line up: all count."""
+    moe = _converted()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 2:] = False  # 3 padding tokens of 10
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    stats = record_stats(moe, [((x,), {}, mask)])
+    assert stats.tokens.tolist() == [7, 7, 7] and stats.loads.sum(1).tolist() == [14, 14, 14]
+    real_only = record_stats(moe, [((x[mask][None],), {})])  # the toy model routes each token on its own
+    assert np.array_equal(stats.loads, real_only.loads) and np.array_equal(stats.coselect, real_only.coselect)
+    seq_first = record_stats(moe, [((x.transpose(0, 1),), {}, mask)])
+    assert seq_first.tokens.tolist() == [10, 10, 10]
+
+
 def test_plan_round_trip_and_model_check(tmp_path):
     moe = _converted()
     stats = record_stats(moe, calibration_batches(moe, None))

@@ -165,8 +165,8 @@ def record_stats(model: nn.Module, batches: Iterable[tuple]) -> LoadStats:
                 calls.append((i, None))
                 return
             index = output.expert_index.detach().cpu().long()  # [T, k]
-            if mask is not None and index.shape[0] == mask.numel():
-                index = index[mask.reshape(-1).cpu()]  # real tokens only
+            if mask is not None and lead_shapes.get(i) == tuple(mask.shape):  # [batch, seq], not [seq, batch]
+                index = index[mask.reshape(-1).bool().cpu()]  # real tokens only
             tokens[i] += index.shape[0]
             valid = index >= 0
             loads[i] += np.bincount(index[valid].numpy(), minlength=E)[:E]
@@ -179,7 +179,16 @@ def record_stats(model: nn.Module, batches: Iterable[tuple]) -> LoadStats:
         return hook
 
     mask: torch.Tensor | None = None
+    lead_shapes: dict[int, tuple[int, ...]] = {}  # each layer's input shape but its features, this call
+
+    def lead_shape_for(i: int):
+        def pre_hook(module, args) -> None:
+            lead_shapes[i] = tuple(args[0].shape[:-1]) if args and isinstance(args[0], torch.Tensor) else ()
+
+        return pre_hook
+
     handles = [layer.router.register_forward_hook(hook_for(i)) for i, (_, layer) in enumerate(layers)]
+    handles += [layer.register_forward_pre_hook(lead_shape_for(i)) for i, (_, layer) in enumerate(layers)]
     was_training = model.training
     set_mode(model, False)
     what = getattr(batches, "what", "the calibration data")

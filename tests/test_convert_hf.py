@@ -60,6 +60,8 @@ def test_a_half_precision_upcycle_is_reported_exact_and_a_random_init_is_not(nam
     assert 0 < upcycled["relative_error"] <= 2 * torch.finfo(dtype).eps  # the rounding, not a looser check
     random = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init="random")).moefx_info.verification
     assert not random["exact_expected"] and not random["exact"], random
+    noisy = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=2, init_noise=0.05)).moefx_info.verification
+    assert not noisy["exact_expected"] and not noisy["exact"], noisy  # small, but not rounding
 
 
 def test_sequence_classifier_keeps_its_class_and_its_head():

@@ -330,7 +330,8 @@ def hf_key_resolver(model: torch.nn.Module, keys: Iterable[str]) -> Callable[[st
     (GPT-NeoX's ``embed_out.`` is ``lm_head.``, old ``LayerNorm.gamma`` is ``.weight``). Conversions that
     merge or split tensors are not renamings: their keys resolve to nothing.
     """
-    keys = set(keys)
+    ordered = list(keys)  # in the checkpoint's order: of two keys renamed to one name, the first wins
+    keys = set(ordered)
     prefix = getattr(model, "base_model_prefix", "") or ""
     renamed: dict[str, str] = {}  # the model's name -> the checkpoint's
     try:
@@ -340,7 +341,7 @@ def hf_key_resolver(model: torch.nn.Module, keys: Iterable[str]) -> Callable[[st
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        for key in keys:
+        for key in ordered:
             new, converter = rename_source_key(key, renamings, converters)
             if converter is None and new != key:
                 renamed.setdefault(new, key)

@@ -237,9 +237,9 @@ def _load_pickle(path: Path, trust_remote_code: bool) -> ModelSource:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except ModuleNotFoundError as exc:  # the pickle names classes by module: that module must be importable
-        raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)}); the model's classes come from "
-                             f"module {exc.name!r}, which Python cannot import here: run from the directory that "
-                             "holds it or add that directory to PYTHONPATH") from None
+        raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)}); the model needs module "
+                             f"{exc.name!r} importable here: install it, or, if it is your own code, run from the "
+                             "directory that holds it or add that directory to PYTHONPATH") from None
     except Exception as exc:
         raise ModelLoadError(f"{path}: could not be unpickled ({_first_line(exc)}); is it a complete torch.save "
                              "file? save the model again, or as a .pt2 with torch.export.save") from None

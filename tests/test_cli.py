@@ -251,6 +251,7 @@ def test_export_never_writes_over_the_model_or_an_existing_report(tmp_path, caps
         (["-o", str(onnx_file), "--json", str(report)], "already exists; pass --force"),
         (["-o", str(onnx_file), "--json", str(onnx_file), "--force"], "name the same file"),
         (["-o", str(onnx_file), "--json", f"{onnx_file}.data", "--force"], "name the same file"),
+        (["-o", str(onnx_file), "--inputs", str(report), "--json", str(report), "--force"], "name the same file"),
     ):
         assert main(["export", str(out), *extra]) == 2, extra
         err = capsys.readouterr().err
@@ -296,6 +297,12 @@ def test_config_errors_speak_in_flags_on_the_cli(capsys):
     assert main(["convert", "toy_models:stack_of_mlps", "--expert-size", "8"]) == 2
     assert "--init upcycle copies the dense FFN, so --expert-size must be unset or 32 (got 8); use --init random" \
         in capsys.readouterr().err
+    from moefx.cli.convert import _in_flag_terms
+
+    assert _in_flag_terms("leave capacity_factor=None (got 1.5)") == "leave --capacity-factor unset (got 1.5)"
+    for untouched in ("/data/router/top_k.pt: no such file", "config.top_k is wrong", "layers='model.layers.[0' is "
+                      "not a valid regex", "every token of a task takes its route"):  # paths, names, plain words
+        assert _in_flag_terms(untouched) == untouched
 
 
 def test_a_pickle_whose_module_cannot_be_imported_points_to_pythonpath(tmp_path):

@@ -200,10 +200,17 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
 def _in_flag_terms(message: str) -> str:
     message = message.replace("allow_noncausal=True", "allow_noncausal")
     fields = "|".join(sorted(FIELD_FLAGS, key=len, reverse=True))
-    # field='value' -> --flag value, then the bare field names
-    message = re.sub(rf"(?<![-\w])({fields})=('?)([\w.+-]+)\2", lambda m: f"{FIELD_FLAGS[m.group(1)]} {m.group(3)}",
-                     message)
-    return re.sub(rf"(?<![-\w])({fields})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
+    # Only where a field stands as a word of the sentence: not inside a path, a dotted name or a quoted value.
+    before, after = r"(?<![-\w/.'\"\[])", r"(?![-\w/.'\"\]])"
+
+    def assignment(m: re.Match) -> str:  # field='value' -> --flag value; field=None -> --flag unset
+        value = m.group(3)
+        return f"{FIELD_FLAGS[m.group(1)]} {'unset' if value == 'None' else value}"
+
+    message = re.sub(rf"{before}({fields})=('?)([\w.+-]+)\2{after}", assignment, message)
+    # Bare names: only the snake_case fields; router, init, layers and the like are also plain English words.
+    snake = "|".join(sorted((f for f in FIELD_FLAGS if "_" in f), key=len, reverse=True))
+    return re.sub(rf"{before}({snake}){after}", lambda m: FIELD_FLAGS[m.group(1)], message)
 
 
 def default_output(model: str) -> Path:

@@ -108,19 +108,20 @@ def run(args: argparse.Namespace) -> int:
         flag = "--exact" if args.exact else "--fuse-assigned"
         other = "--unfused" if args.unfused else "--gather-experts"
         raise ConfigError(f"{flag} only changes fused export; drop it or drop {other}")
-    if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
-        raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
     check_not_an_input(args.output, args.model, args.inputs)
     model_path = Path(args.model).resolve()
     if model_path.is_dir() and model_path in args.output.resolve().parents:
         raise MoefxError(f"{args.output}: inside the model directory {args.model}, whose files it could replace; "
                          "write the ONNX file somewhere else")
+    if args.output.exists() and not args.output.is_dir() and not args.force:  # fail before loading the model
+        raise OutputExistsError(f"{args.output}: already exists; pass --force to replace it")
     if not args.output.is_dir():  # a directory is named as such by export_onnx
         check_output_parent(args.output)
     if args.json not in (None, "-"):
         args.json = Path(args.json)
         check_side_file("--json", args.json, args.model, force=args.force,
-                        taken={"-o": args.output, "-o's external data": Path(f"{args.output}.data")})
+                        taken={"-o": args.output, "-o's external data": Path(f"{args.output}.data"),
+                               "--inputs": args.inputs})
     from moefx.io import load_example_inputs
 
     example = load_example_inputs(args.inputs) if args.inputs is not None else None

@@ -7,8 +7,6 @@ import functools
 import sys
 from pathlib import Path
 
-import torch
-
 from moefx.errors import ConfigError, MoefxError, OutputExistsError
 
 from . import add_common_flags
@@ -89,6 +87,7 @@ def load_converted(spec: str, *, trust_remote_code: bool = False):
 
 def _cast(model, inputs, dtype):
     """The model's floating-point weights and buffers, and its floating-point example inputs, in ``dtype``."""
+    import torch
     from torch.utils import _pytree as pytree
 
     recorded = getattr(getattr(model, "moefx_info", None), "inputs", None)
@@ -132,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     from moefx.onnx import export_onnx
 
     if args.dtype is not None:
+        import torch
+
         model, inputs = _cast(model, inputs, getattr(torch, args.dtype))
     args_, kwargs = inputs if inputs is not None else (None, None)
     report = export_onnx(

@@ -180,6 +180,21 @@ def test_record_stats_leaves_out_padding_only_where_the_mask_lines_up_with_the_l
     assert seq_first.tokens.tolist() == [10, 10, 10]
 
 
+def test_a_failure_in_the_counting_itself_is_not_blamed_on_the_data(monkeypatch):
+    """An exception in record_stats' own router hook is a bug: it surfaces as itself, not as the calibration
+    batch having failed in the model (which tells the user to fix their data)."""
+    import moefx.placement.stats as stats_module
+
+    moe = _converted()
+
+    def broken_bincount(*args, **kwargs):
+        raise ValueError("boom in the counting")
+
+    monkeypatch.setattr(stats_module.np, "bincount", broken_bincount)
+    with pytest.raises(ValueError, match="boom in the counting"):
+        record_stats(moe, calibration_batches(moe, None))
+
+
 def test_plan_round_trip_and_model_check(tmp_path):
     moe = _converted()
     stats = record_stats(moe, calibration_batches(moe, None))

@@ -190,7 +190,7 @@ def plan_placement(
     D, E, L = int(num_devices), stats.num_experts, stats.num_layers
     if D < 1:
         raise PlacementError(f"--devices must be at least 1, got {D}")
-    if not 0 <= load_tolerance < math.inf:  # also refuses NaN
+    if not isinstance(load_tolerance, (int, float)) or not 0 <= load_tolerance < math.inf:  # also refuses NaN
         raise PlacementError(f"--load-tolerance must be a finite number >= 0 (e.g. 0.05 for 5%), got {load_tolerance}")
     if replicas is None:
         replicas = (-E) % D if D <= E else D - E

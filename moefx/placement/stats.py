@@ -154,29 +154,38 @@ def record_stats(model: nn.Module, batches: Iterable[tuple]) -> LoadStats:
     router_names = {layer.router.name for _, layer in layers}
     calls: list[tuple[int, torch.Tensor | None]] = []
 
+    failures: list[BaseException] = []  # from the hooks themselves: a moefx bug, not the data's fault
+
     def hook_for(i: int):
         def hook(module, args, output) -> None:
-            x = args[0]
-            hidden[i] = int(x.shape[-1])
-            if output.dispatch is not None:  # Soft MoE: slots per expert
-                groups, _, num_slots = output.dispatch.shape
-                loads[i] += groups * num_slots / E
-                tokens[i] += x.shape[0]
-                calls.append((i, None))
-                return
-            index = output.expert_index.detach().cpu().long()  # [T, k]
-            if mask is not None and lead_shapes.get(i) == tuple(mask.shape):  # [batch, seq], not [seq, batch]
-                index = index[mask.reshape(-1).bool().cpu()]  # real tokens only
-            tokens[i] += index.shape[0]
-            valid = index >= 0
-            loads[i] += np.bincount(index[valid].numpy(), minlength=E)[:E]
-            a, b = index.unsqueeze(2), index.unsqueeze(1)  # [T, k, 1], [T, 1, k]
-            pair = (a >= 0) & (b >= 0) & (a != b)
-            flat = (a * E + b).expand(-1, index.shape[1], -1)[pair]
-            coselect[i] += np.bincount(flat.numpy(), minlength=E * E).reshape(E, E)
-            calls.append((i, index))
+            try:
+                count_routing(i, args, output)
+            except Exception as exc:
+                failures.append(exc)
+                raise
 
         return hook
+
+    def count_routing(i: int, args, output) -> None:
+        x = args[0]
+        hidden[i] = int(x.shape[-1])
+        if output.dispatch is not None:  # Soft MoE: slots per expert
+            groups, _, num_slots = output.dispatch.shape
+            loads[i] += groups * num_slots / E
+            tokens[i] += x.shape[0]
+            calls.append((i, None))
+            return
+        index = output.expert_index.detach().cpu().long()  # [T, k]
+        if mask is not None and lead_shapes.get(i) == tuple(mask.shape):  # [batch, seq], not [seq, batch]
+            index = index[mask.reshape(-1).bool().cpu()]  # real tokens only
+        tokens[i] += index.shape[0]
+        valid = index >= 0
+        loads[i] += np.bincount(index[valid].numpy(), minlength=E)[:E]
+        a, b = index.unsqueeze(2), index.unsqueeze(1)  # [T, k, 1], [T, 1, k]
+        pair = (a >= 0) & (b >= 0) & (a != b)
+        flat = (a * E + b).expand(-1, index.shape[1], -1)[pair]
+        coselect[i] += np.bincount(flat.numpy(), minlength=E * E).reshape(E, E)
+        calls.append((i, index))
 
     mask: torch.Tensor | None = None
     lead_shapes: dict[int, tuple[int, ...]] = {}  # each layer's input shape but its features, this call
@@ -199,7 +208,12 @@ def record_stats(model: nn.Module, batches: Iterable[tuple]) -> LoadStats:
                 args, kwargs = batch[:2]
                 mask = batch[2] if len(batch) > 2 else None
                 calls.clear()
-                run_calibration_batch(model, args, kwargs, what, count)
+                try:
+                    run_calibration_batch(model, args, kwargs, what, count)
+                except MoefxError:
+                    if failures:
+                        raise failures[0] from None
+                    raise
                 _add_transitions(calls, transitions, E)
                 count += 1
                 bar.update(1)

@@ -106,7 +106,8 @@ def calibration_batches(
     start = _decoder_start(model)
     if start is None:
         return batches
-    return _Sized((_with_decoder_inputs(batch, start) for batch in batches), batches.size, batches.what)
+    slot = _positional_slot(model, "decoder_input_ids")
+    return _Sized((_with_decoder_inputs(batch, start, slot) for batch in batches), batches.size, batches.what)
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -137,11 +138,23 @@ def _decoder_start(model: nn.Module) -> int | None:
     return None
 
 
-def _with_decoder_inputs(batch: Batch, start: int) -> Batch:
+def _positional_slot(model: nn.Module, name: str) -> int | None:
+    """The position of ``forward``'s parameter ``name`` among its positional parameters, else None."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(name) if name in positional else None
+
+
+def _with_decoder_inputs(batch: Batch, start: int, slot: int | None) -> Batch:
     """An encoder-decoder batch without decoder inputs gets the input ids shifted right behind the decoder
-    start token (teacher forcing on the input itself, as T5 and BART train), so the decoder FFNs run too."""
+    start token (teacher forcing on the input itself, as T5 and BART train), so the decoder FFNs run too.
+    ``slot``: where ``decoder_input_ids`` sits among the positional inputs (a batch that long has them)."""
     args, kwargs, mask = batch
-    if "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs or len(args) > 1:
+    given_positionally = len(args) > 1 if slot is None else len(args) > slot
+    if "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs or given_positionally:
         return batch
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:

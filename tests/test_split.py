@@ -306,6 +306,9 @@ def test_an_encoder_decoder_model_calibrates_on_plain_token_ids(tmp_path):
     text.write_text("the quick brown fox\njumps over the lazy dog today\n")
     (_, kwargs, mask), = calibration_batches(text, dense, None)
     assert kwargs["decoder_input_ids"].shape == kwargs["input_ids"].shape == mask.shape == (2, 6)
+    (args, kwargs, _), = calibration_batches([(ids, torch.ones_like(ids))], dense, None)  # positional (ids, mask)
+    assert len(args) == 2 and torch.equal(kwargs["decoder_input_ids"][:, 1:], ids[:, :-1])
+    dense(*args, **kwargs)
     moe = moefx.convert(dense, MoEConfig(init="split", num_experts=4, top_k=2), calib=ids)
     assert [d["partition"] for d in moe.moefx_info.layers] == ["coactivation"] * 4  # 2 encoder + 2 decoder
     torch.save(ids, tmp_path / "ids.pt")

@@ -46,6 +46,7 @@ __all__ = [
     "TokenSampler",
     "calibration_batches",
     "max_positions",
+    "overlong_inputs",
     "real_tokens",
     "record_ffns",
     "run_calibration_batch",
@@ -122,6 +123,16 @@ def max_positions(model: nn.Module) -> int | None:
     return limit
 
 
+def overlong_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """``(sequence length, the model's limit)`` when the token ids of a call are longer than
+    :func:`max_positions` allows, else None."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    limit = max_positions(model)
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit:
+        return int(ids.shape[1]), limit
+    return None
+
+
 def _decoder_start(model: nn.Module) -> int | None:
     """The decoder start token of an encoder-decoder model that takes ``decoder_input_ids``, else None."""
     config = getattr(model, "config", None)
@@ -175,11 +186,10 @@ def run_calibration_batch(model: nn.Module, args: tuple, kwargs: dict, what: str
 
 
 def _failure_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    limit = max_positions(model)
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit:
-        return (f"; its sequences have {ids.shape[1]} tokens, above the model's {limit} positions: truncate "
-                f"them to {limit}")
+    overlong = overlong_inputs(model, args, kwargs)
+    if overlong is not None:
+        length, limit = overlong
+        return f"; its sequences have {length} tokens, above the model's {limit} positions: truncate them to {limit}"
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
         return "; an encoder-decoder model also needs decoder inputs: give a dict with 'decoder_input_ids'"

@@ -412,13 +412,11 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
             try:
                 out = model(*args, **kwargs)
             except Exception as exc:
-                from .calibrate import max_positions
+                from .calibrate import overlong_inputs
 
-                limit = max_positions(model)
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                longer = isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit
-                why = (f"their {ids.shape[1]} tokens exceed the model's {limit} positions; pass shorter inputs"
-                       if longer else "pass inputs its forward accepts")
+                overlong = overlong_inputs(model, args, kwargs)
+                why = ("their {} tokens exceed the model's {} positions; pass shorter inputs".format(*overlong)
+                       if overlong else "pass inputs its forward accepts")
                 raise MoefxError(f"the model failed on its example inputs ({_one_line(exc)}); {why} "
                                  "(--inputs FILE, or example_inputs=)") from exc
         record.output = pytree.tree_map(_detach, out)

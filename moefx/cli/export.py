@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
     example = load_example_inputs(args.inputs) if args.inputs is not None else None
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)
     inputs = example or inputs
-    if inputs is None and getattr(getattr(model, "moefx_info", None), "inputs", None) is None:
-        raise MoefxError(f"{args.model}: no example inputs were recorded with this model; pass --inputs FILE")
     from moefx.onnx import export_onnx
 
     if args.dtype is not None:

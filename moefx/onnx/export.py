@@ -219,8 +219,8 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict 
         inputs = getattr(getattr(model, "moefx_info", None), "inputs", None)
         if inputs is None:
             raise MoefxError(
-                f"no example inputs for {type(model).__name__}: pass example_inputs (moefx export --inputs FILE; "
-                "the model was converted without any, so none were recorded)"
+                f"no example inputs for {type(model).__name__}: pass example_inputs (on the CLI, pass --inputs "
+                "FILE; the model was converted without any, so none were recorded)"
             )
     args, kwargs = inputs
     return tuple(args), dict(kwargs)

@@ -28,7 +28,7 @@ import torch
 
 import moefx
 from moefx.bench import run_bench
-from moefx.io import load_source
+from moefx.sources import load_source
 
 VOCAB = 8192  # the base models end at the last hidden state: the embedding lookup costs no FLOPs
 

@@ -142,7 +142,7 @@ def expert_gemms_only(layer: MoELayer, x: torch.Tensor):
             return
         pieces = ops._pieces(counts, threads)
         futures = [ops._expert_workers(threads - 1).submit(gemms, lo, hi) for lo, hi in pieces[1:]]
-        with ops._serial_glue(True):
+        with ops.serial_glue(True):
             gemms(*pieces[0])
         for future in futures:
             future.result()

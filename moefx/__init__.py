@@ -8,16 +8,16 @@ from . import (
     ops,  # registers the moefx:: custom ops
     tasks,
 )
+from .analysis import Analysis, analyze
 from .config import MoEConfig
-from .convert import Analysis, analyze, aux_loss, convert, moe_layers
+from .convert import convert
 from .errors import MoefxError
 from .heal import heal
-from .io import load, save
-from .layers import ExpertBank, MoELayer, routing_stats
+from .layers import ExpertBank, MoELayer, aux_loss, moe_layers, routing_stats
 from .routers import check_router_causality
+from .saving import load, save
 from .tasks import extract_task, modality, task_ids
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Analysis",
@@ -45,7 +45,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # ONNX support is imported on first use, so ``import moefx`` does not load onnx/onnxruntime.
+    # ONNX support is imported on first use: onnx and onnxruntime are optional (moefx[onnx]), and
+    # ``import moefx`` does not load them.
     if name == "export_onnx":
         from .onnx import export_onnx
 

@@ -30,12 +30,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from .activations import ACTIVATIONS
+from .capture import CapturedModule, set_mode
 from .config import CALIB_TOKENS
-from .errors import CalibrationError
-from .io import set_mode
+from .errors import CalibrationError, first_line
+from .inputs import max_positions, overlong_inputs
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
 
@@ -45,8 +47,6 @@ __all__ = [
     "LayerSample",
     "TokenSampler",
     "calibration_batches",
-    "max_positions",
-    "overlong_inputs",
     "real_tokens",
     "record_ffns",
     "run_calibration_batch",
@@ -111,28 +111,6 @@ def calibration_batches(
     return _Sized((_with_decoder_inputs(batch, start, slot) for batch in batches), batches.size, batches.what)
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence a model with a table of learned positions takes (``config.max_position_embeddings``,
-    GPT-2's ``n_positions``, less RoBERTa's offset of ``padding_idx + 1``); None when its config names none."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    for name, module in model.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            limit = min(limit, module.num_embeddings - module.padding_idx - 1)  # positions start after padding
-    return limit
-
-
-def overlong_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    """``(sequence length, the model's limit)`` when the token ids of a call are longer than
-    :func:`max_positions` allows, else None."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    limit = max_positions(model)
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and limit and ids.shape[1] > limit:
-        return int(ids.shape[1]), limit
-    return None
-
-
 def _decoder_start(model: nn.Module) -> int | None:
     """The decoder start token of an encoder-decoder model that takes ``decoder_input_ids``, else None."""
     config = getattr(model, "config", None)
@@ -181,7 +159,7 @@ def run_calibration_batch(model: nn.Module, args: tuple, kwargs: dict, what: str
     except CalibrationError:
         raise
     except Exception as exc:
-        raise CalibrationError(f"{what}: batch {index} failed in the model ({_first_line(exc)})"
+        raise CalibrationError(f"{what}: batch {index} failed in the model ({first_line(exc)})"
                                f"{_failure_hint(model, args, kwargs)}") from None
 
 
@@ -198,14 +176,12 @@ def _failure_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
 
 def _load_tensor_file(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         try:
             # Memory-mapped: rows are read as batches are cut from them.
             with safe_open(str(path), framework="pt") as f:
                 return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iter
         except Exception as exc:
-            raise CalibrationError(f"{path}: truncated or corrupt safetensors file ({_first_line(exc)}); save "
+            raise CalibrationError(f"{path}: truncated or corrupt safetensors file ({first_line(exc)}); save "
                                    "the calibration tensors again (safetensors.torch.save_file)") from None
     try:
         # weights_only: a calibration file holds tensors, so a pickle that would run code is refused unrun.
@@ -335,7 +311,7 @@ def find_tokenizer(model: nn.Module | str | os.PathLike) -> Any:
     if not path or not Path(path).is_dir() or not any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # optional: needs moefx[hf]
 
         return AutoTokenizer.from_pretrained(path)
     except Exception:  # a broken or partial tokenizer: fall back to hashed words
@@ -549,15 +525,13 @@ class DenseFFN(nn.Module):
 
 def swap_module(model: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``qualname`` in ``model`` and return what was there (captured graphs re-bind to it)."""
-    from .capture import CapturedModule
-
     parent_name, _, leaf = qualname.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = parent.get_submodule(leaf)
     setattr(parent, leaf, new)
     for module in model.modules():
         if isinstance(module, CapturedModule):
-            module._bound.clear()
+            module.rebind()
     return old
 
 
@@ -597,18 +571,13 @@ def record_ffns(
     return {name: rec.sample for name, rec in recorders.items()}
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def _unpickling_reason(exc: Exception) -> str:
     """The point of torch's (many-line) weights_only refusal, without its advice to load with weights_only=False."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         rest = text.split("WeightsUnpickler error:", 1)[1]
         return next((line.strip() for line in rest.splitlines() if line.strip()), "refused")[:200]
-    return _first_line(exc)
+    return first_line(exc)
 
 
 @contextlib.contextmanager

@@ -34,18 +34,23 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import MoefxError
+from .inputs import overlong_inputs
+from .layers import MoELayer
 from .passes.ffn_pass import rewrite_with_layers
 from .passes.ffn_rules import is_conv1d
 
 __all__ = [
     "CaptureAttempt",
     "CapturedModule",
+    "FlatCall",
     "MoefxTracer",
     "SampleRecord",
     "export_module",
     "is_projection_module",
+    "projection_containers",
     "quiet_torch_export",
     "record_sample_pass",
+    "set_mode",
     "symbolic_trace_module",
 ]
 
@@ -58,6 +63,14 @@ def is_projection_module(mod: nn.Module) -> bool:
     return (isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward) or is_conv1d(mod)
 
 
+def set_mode(module: nn.Module, training: bool) -> nn.Module:
+    """``module.train(training)`` where the module can switch; a loaded ``torch.export`` program cannot (its
+    train/eval mode is baked into its graph, and ``train``/``eval`` raise): it is left as it is."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+    return module
+
+
 # ---------------------------------------------------------------------------------------------------------
 # symbolic_trace
 # ---------------------------------------------------------------------------------------------------------
@@ -67,8 +80,6 @@ class MoefxTracer(fx.Tracer):
     """``symbolic_trace`` that keeps projections, activations and already-converted layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .layers import MoELayer
-
         if is_conv1d(m) or isinstance(m, (MoELayer, CapturedModule)):
             return True
         if type(m).__module__ == "transformers.activations":
@@ -88,7 +99,7 @@ def symbolic_trace_module(module: nn.Module) -> fx.GraphModule:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _FlatCall(nn.Module):
+class FlatCall(nn.Module):
     """Calls ``mod`` with the recorded argument structure, taking only the tensor leaves as inputs."""
 
     def __init__(self, mod: nn.Module, leaves: list[Any], spec: pytree.TreeSpec) -> None:
@@ -148,7 +159,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     _check_constant_leaves(leaves)
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in tensors)
-    shim = _FlatCall(module, leaves, spec)
+    shim = FlatCall(module, leaves, spec)
     with quiet_torch_export():
         ep = torch.export.export(shim, tensors, dynamic_shapes=(dims,), strict=False)
     gm = ep.module()
@@ -247,6 +258,16 @@ class CapturedModule(nn.Module):
     @property
     def num_variants(self) -> int:
         return len(self._graphs)
+
+    @property
+    def captured_from(self) -> nn.Module:
+        """The original module (kept out of the module tree) that unseen input structures are captured from."""
+        return self._source
+
+    def rebind(self) -> None:
+        """Forget the graphs bound to module objects: the next call binds again, to the children as they are now
+        (after a child was swapped or its tensors replaced)."""
+        self._bound.clear()
 
     def forward(self, *args: Any, **kwargs: Any):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -374,7 +395,7 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
     """Run ``model(*args, **kwargs)`` once (eval mode, grad on) and record what capture needs."""
     record = SampleRecord()
     projections = {name: m for name, m in model.named_modules() if is_projection_module(m)}
-    containers = _containers(model, projections)
+    containers = projection_containers(model, projections)
     grad_fn_in: dict[str, Any] = {}
     grad_fn_out: dict[int, str] = {}
     handles = []
@@ -412,8 +433,6 @@ def record_sample_pass(model: nn.Module, args: tuple, kwargs: dict) -> SampleRec
             try:
                 out = model(*args, **kwargs)
             except Exception as exc:
-                from .calibrate import overlong_inputs
-
                 overlong = overlong_inputs(model, args, kwargs)
                 why = ("their {} tokens exceed the model's {} positions; pass shorter inputs".format(*overlong)
                        if overlong else "pass inputs its forward accepts")
@@ -493,7 +512,7 @@ def weight_like(model: nn.Module) -> set[str]:
     return names
 
 
-def _containers(model: nn.Module, projections) -> list[str]:
+def projection_containers(model: nn.Module, projections) -> list[str]:
     """Modules holding at least two projections (candidate FFN containers), deepest first."""
     counts: dict[str, int] = {}
     for name in projections:

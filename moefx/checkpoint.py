@@ -28,20 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, MoefxError, first_line
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "ShardWriter",
     "TensorEntry",
+    "check_safetensors",
     "checkpoint_files",
     "dtype_from_safetensors",
     "file_order",
     "header_bytes",
     "hf_key_resolver",
     "lazy_state_dict",
+    "read_checkpoint_entries",
     "read_header",
     "read_tensor",
     "sha256_file",
@@ -140,6 +143,31 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     if single.exists():
         return [single]
     raise ModelLoadError(f"{directory}: has no {SINGLE_NAME} nor {INDEX_NAME}; pass a directory with safetensors weights")
+
+
+def read_checkpoint_entries(directory: Path) -> tuple[dict[str, TensorEntry], list[Path]]:
+    """Every tensor of the checkpoint in ``directory`` (one file or shards), by name, from the headers alone;
+    and its files. A name stored in two files is a :class:`ModelLoadError`."""
+    files = checkpoint_files(directory)
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        for name, entry in read_header(path)[0].items():
+            if name in entries:
+                raise ModelLoadError(f"{directory}: tensor {name} is in both {entries[name].file.name} and "
+                                     f"{path.name}; the checkpoint is inconsistent")
+            entries[name] = entry
+    return entries, files
+
+
+def check_safetensors(path: Path, error: type[MoefxError] = ModelLoadError, fix: str = "") -> None:
+    """Raise ``error`` naming ``path`` if it is missing or not a complete safetensors file (header and data)."""
+    if not path.is_file():
+        raise error(f"{path}: missing" + (f"; {fix}" if fix else ""))
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:
+        raise error(f"{path}: truncated or corrupt ({first_line(exc)})" + (f"; {fix}" if fix else "")) from None
 
 
 def read_tensor(entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
@@ -335,6 +363,7 @@ def hf_key_resolver(model: torch.nn.Module, keys: Iterable[str]) -> Callable[[st
     prefix = getattr(model, "base_model_prefix", "") or ""
     renamed: dict[str, str] = {}  # the model's name -> the checkpoint's
     try:
+        # optional: needs moefx[hf] (and a transformers with these mappings)
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 

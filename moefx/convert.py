@@ -1,6 +1,8 @@
 """The conversion pipeline: capture -> find FFNs -> select -> build experts -> rewrite -> swap back -> verify.
 
-``analyze`` runs the first two steps and is what ``moefx inspect`` shows; ``convert`` runs them all.
+The first steps are :mod:`moefx.analysis` (``analyze`` is what ``moefx inspect`` shows); ``convert`` runs
+them all, building the experts (:mod:`moefx.experts`), calibrating (:mod:`moefx.calibrate`) and healing
+(:mod:`moefx.heal`) on the way.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,305 +18,35 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .calibrate import calibration_batches, record_ffns, swap_module
-from .capture import (
-    CaptureAttempt,
-    CapturedModule,
-    SampleRecord,
-    _containers,
-    capture_container,
-    container_of,
-    ghost_parameters,
-    is_projection_module,
-    record_sample_pass,
-    weight_like,
+from .analysis import (
+    Analysis,
+    FoundFFN,
+    NearMiss,
+    find_ffns,
+    is_inside,
+    join_name,
+    non_finite_weights,
+    strip_analysis_meta,
+    unchunk_ffns,
 )
-from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig, select_layers
+from .calibrate import calibration_batches, record_ffns, swap_module
+from .capture import CaptureAttempt, CapturedModule, capture_container, ghost_parameters
+from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig
+from .context import task_ids
 from .errors import ConfigError, MoefxError, NoFFNFoundError
 from .experts import build_moe_layer, layer_generator
+from .heal import heal_layers
+from .inputs import default_inputs, normalize_inputs
 from .layers import MoELayer
 from .passes import FindFFNPass, PassManager, RewriteFFNPass
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
 from .routers import check_router_causality
 from .split import check_partition
-from .tasks import task_ids
 
-__all__ = ["Analysis", "FoundFFN", "NearMiss", "analyze", "aux_loss", "convert", "moe_layers"]
+__all__ = ["ConversionInfo", "convert", "exact_tolerance"]
 
 log = logging.getLogger("moefx")
-
-
-@dataclass
-class FoundFFN:
-    """A convertible FFN: where it is, what it is, and the capture that found it."""
-
-    name: str  # the FFN's qualified name in the model (common prefix of its projections)
-    container: str  # the captured submodule that holds it
-    match: FFNMatch
-    attempt: CaptureAttempt
-    position: int  # order in the model
-    selected: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        m = self.match
-        return {
-            "name": self.name,
-            "container": self.container,
-            "rule": m.rule,
-            "activation": m.activation,
-            "gated": m.gated,
-            "in_features": m.in_features,
-            "hidden_features": m.hidden_features,
-            "out_features": m.out_features,
-            "bias": m.up_bias is not None or m.down_bias is not None,
-            "dropout": m.dropout_p,
-            "projections": [_join(self.container, mod) for mod in m.modules],
-            "forms": m.forms,
-            "capture": self.attempt.method,
-            "selected": self.selected,
-        }
-
-
-@dataclass
-class NearMiss:
-    """Something that looked like an FFN but was not converted, and why."""
-
-    where: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"where": self.where, "reason": self.reason}
-
-
-@dataclass
-class Analysis:
-    ffns: list[FoundFFN] = field(default_factory=list)
-    near_misses: list[NearMiss] = field(default_factory=list)
-    attempts: dict[str, CaptureAttempt] = field(default_factory=dict)
-    record: SampleRecord | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ffns": [f.to_dict() for f in self.ffns],
-            "near_misses": [n.to_dict() for n in self.near_misses],
-            "captures": {
-                name or "(root)": {"method": a.method, "errors": a.errors} for name, a in self.attempts.items()
-            },
-        }
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict] | None:
-    if example_inputs is None and not example_kwargs:
-        return None
-    if example_inputs is None:
-        args: tuple = ()
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
-        args = (example_inputs,)
-    return args, dict(example_kwargs or {})
-
-
-def analyze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-            config: MoEConfig | None = None) -> Analysis:
-    """Find the model's FFNs (and near-misses) without changing it.
-
-    ``config`` only marks which FFNs its layer selection would convert (``FoundFFN.selected``).
-    """
-    inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
-    analysis = _analyze(model, inputs, config)
-    for attempt in analysis.attempts.values():
-        if attempt.graph_module is not None:
-            _strip_analysis_meta(attempt.graph_module)
-    return analysis
-
-
-def _strip_analysis_meta(gm: nn.Module) -> None:
-    """Drop the find_ffn pass's results (they reference graph nodes and tensors) from a graph module."""
-    for module in gm.modules():
-        meta = getattr(module, "meta", None)
-        if isinstance(module, fx.GraphModule) and isinstance(meta, dict):
-            for key in [k for k in meta if k.startswith("moefx.")]:
-                meta.pop(key)
-
-
-def _analyze(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
-    """Find the FFNs of ``model`` (and near-misses), with transformers' FFN chunking off meanwhile (see
-    :func:`_unchunk_ffns`): inspect, heal and the streamed plan see the FFNs convert converts."""
-    with _ffns_unchunked(model):
-        return _find_ffns(model, inputs, config)
-
-
-def _find_ffns(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
-    start = time.perf_counter()
-    analysis = Analysis()
-    projections = weight_like(model)
-    if isinstance(model, fx.GraphModule) and not any(is_projection_module(m) for m in model.modules()):
-        # A program (e.g. a loaded .pt2): already one ATen graph, rewritten in place.
-        attempt = CaptureAttempt("", "fx.GraphModule", model)
-        analysis.attempts[""] = attempt
-        _collect_matches(model, analysis, model, "", attempt, set(), {})
-        _finish(analysis, config, start)
-        return analysis
-    if inputs is not None:
-        with progress(total=1, desc="sample forward pass", unit="pass") as bar:
-            analysis.record = record_sample_pass(model, *inputs)
-            bar.update(1)
-        pairs = analysis.record.pairs
-        containers = sorted({container_of(model, [u, d]) for u, d in pairs}, key=lambda n: -len(n.split(".")))
-    else:
-        containers = _containers(model, {n: None for n in projections})
-    claimed: set[int] = set()  # identities of projections already in an FFN (a shared module has many names)
-    module_order = _element_order(model)
-    # Then every other module holding two or more projections, with symbolic_trace only (cheap): finds FFNs
-    # built from functional projections, which leave no trace in the sample pass.
-    sweep = [c for c in _containers(model, projections) if c not in containers]
-    with progress(total=len(containers) + len(sweep), desc="capturing", unit="module") as bar:
-        for name in containers + sweep:
-            bar.update(1)
-            inside = {_identity(model, p) for p in projections if _is_inside(p, name)}
-            if inside and inside <= claimed:
-                continue
-            attempt = capture_container(model, name, analysis.record if name in containers else None)
-            if name not in containers and not attempt.ok:
-                continue
-            analysis.attempts[name] = attempt
-            if not attempt.ok:
-                if inputs is not None:
-                    mod = model.get_submodule(name)
-                    reasons = "; ".join(f"{k}: {v}" for k, v in attempt.errors.items())
-                    analysis.near_misses.append(NearMiss(
-                        name or "(root)",
-                        f"holds an FFN but no tracer could capture {type(mod).__name__}: {reasons}",
-                    ))
-                continue
-            _collect_matches(model, analysis, attempt.graph_module, name, attempt, claimed, module_order)
-    _finish(analysis, config, start)
-    return analysis
-
-
-def _chunked_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules with transformers' ``chunk_size_feed_forward`` on (an FFN applied to the sequence in pieces,
-    to save memory): a captured layer would hold one FFN per piece, for one MoE layer. The FFN acts on each token
-    alone, so the layer computes the same with it off; its MoE layer then runs once on all the tokens."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(getattr(module, "chunk_size_feed_forward", None), int) and module.chunk_size_feed_forward > 0]
-
-
-def _unchunk_ffns(model: nn.Module) -> None:
-    """Turn FFN chunking off for good (see :func:`_chunked_ffns`): the model convert returns."""
-    chunked = _chunked_ffns(model)
-    for _, module in chunked:
-        module.chunk_size_feed_forward = 0
-    if chunked:
-        names = [name for name, _ in chunked]
-        log.info("moefx: chunk_size_feed_forward turned off in %d module(s) (%s%s): each MoE layer runs on all "
-                 "tokens at once", len(names), ", ".join(names[:2]), ", ..." if len(names) > 2 else "")
-
-
-@contextlib.contextmanager
-def _ffns_unchunked(model: nn.Module):
-    """FFN chunking off in the block, put back on exit (see :func:`_chunked_ffns`)."""
-    chunked = [(module, module.chunk_size_feed_forward) for _, module in _chunked_ffns(model)]
-    for module, _ in chunked:
-        module.chunk_size_feed_forward = 0
-    try:
-        yield
-    finally:
-        for module, size in chunked:
-            module.chunk_size_feed_forward = size
-
-
-def _identity(model: nn.Module, path: str) -> int:
-    """The identity of the module or parameter at ``path`` (shared modules are one FFN, not several)."""
-    owner, _, leaf = path.rpartition(".")
-    module = model.get_submodule(owner)
-    return id(module._parameters[leaf]) if leaf in module._parameters else id(module.get_submodule(leaf))
-
-
-def _collect_matches(model: nn.Module, analysis: Analysis, gm: fx.GraphModule, name: str,
-                     attempt: CaptureAttempt, claimed: set[int], module_order: dict[str, int]) -> None:
-    PassManager([FindFFNPass()])(gm)
-    here: list[tuple[set[int], FoundFFN]] = []  # the FFNs found in this graph, by their projections' identities
-    for i, match in enumerate(gm.meta["moefx.ffn_matches"]):
-        modules = [_join(name, m) for m in match.modules]
-        identities = {_identity(model, m) for m in modules}
-        if identities & claimed:
-            again = next((found for ids, found in here if ids & identities), None)
-            if again is not None and again in analysis.ffns:
-                # The same FFN applied twice in one call (on pieces of its input, say): rewriting one application
-                # would leave the others dense, so neither is converted.
-                analysis.ffns.remove(again)
-                analysis.near_misses.append(NearMiss(again.name or "(root)", (
-                    f"its FFN runs more than once in one call of {_join(name, '') or '(root)'}; moefx converts an "
-                    "FFN that runs once per call (transformers' chunk_size_feed_forward is turned off for you)")))
-            continue
-        claimed |= identities
-        position = min((module_order.get(m, math.inf) for m in modules), default=math.inf)
-        if position == math.inf:  # a graph without modules: order of appearance
-            position = len(module_order) + i
-        found = FoundFFN(_common_module(modules), name, match, attempt, position)
-        here.append((identities, found))
-        analysis.ffns.append(found)
-    for miss in gm.meta["moefx.near_misses"]:
-        where, _, reason = miss.reason.partition(": ")
-        analysis.near_misses.append(NearMiss(_join(name, where) or "(root)", reason or where))
-
-
-def _finish(analysis: Analysis, config: MoEConfig | None, start: float) -> None:
-    analysis.ffns.sort(key=lambda f: f.position)
-    if config is not None:
-        for ffn, chosen in zip(analysis.ffns, select_layers([f.name for f in analysis.ffns], config)):
-            ffn.selected = chosen
-    analysis.near_misses = _dedupe(analysis.near_misses)
-    analysis.seconds = time.perf_counter() - start
-
-
-def _element_order(model: nn.Module) -> dict[str, int]:
-    """Position of every module and parameter name in definition order."""
-    order: dict[str, int] = {}
-    for name, mod in model.named_modules():
-        order.setdefault(name, len(order))
-        for pname, _ in mod.named_parameters(recurse=False):
-            order.setdefault(f"{name}.{pname}" if name else pname, len(order))
-    return order
-
-
-def _dedupe(items: list[NearMiss]) -> list[NearMiss]:
-    seen, out = set(), []
-    for item in items:
-        key = (item.where, item.reason)
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
-
-
-def _is_inside(name: str, container: str) -> bool:
-    return not container or name == container or name.startswith(container + ".")
-
-
-def _common_module(modules: list[str]) -> str:
-    from .capture import common_prefix
-
-    prefix = common_prefix(modules)
-    if prefix in modules:  # a single projection cannot be an FFN's name; use its parent
-        prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
-    return prefix
-
-
-def _default_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
-    from .hf import dummy_inputs, is_hf_model
-
-    if is_hf_model(model):
-        return (), dummy_inputs(model)
-    return None
 
 
 @dataclass
@@ -393,11 +124,11 @@ def convert(
     config = config or MoEConfig()
     check_router_causality(model, config)
     if not inplace:
-        _strip_analysis_meta(model)
+        strip_analysis_meta(model)
         model = copy.deepcopy(model)
-    inputs = _normalize_inputs(example_inputs, example_kwargs) or _default_inputs(model)
-    _unchunk_ffns(model)
-    analysis = _analyze(model, inputs, config)
+    inputs = normalize_inputs(example_inputs, example_kwargs) or default_inputs(model)
+    unchunk_ffns(model)
+    analysis = find_ffns(model, inputs, config)
     if not analysis.ffns:
         raise NoFFNFoundError(_no_ffn_message(model, analysis))
     chosen = [f for f in analysis.ffns if f.selected]
@@ -407,7 +138,7 @@ def convert(
             f"exclude={config.exclude!r}) matched none of the {len(analysis.ffns)} FFNs "
             f"({', '.join(f.name or '(root)' for f in analysis.ffns[:4])}{', ...' if len(analysis.ffns) > 4 else ''})"
         )
-    warnings = _non_finite_weights(chosen)
+    warnings = non_finite_weights(chosen)
     for warning in warnings:
         log.warning("moefx: warning: %s", warning)
     if heal and calib is None:
@@ -429,7 +160,7 @@ def convert(
     rewritten: list[str] = []
     with progress(total=len(chosen), desc="building experts", unit="layer") as bar:
         for container, ffns in sorted(by_container.items(), key=lambda kv: -len(kv[0].split("."))):
-            if any(c != container and _is_inside(c, container) for c in rewritten):
+            if any(c != container and is_inside(c, container) for c in rewritten):
                 kept = _recapture_around_converted(model, container, ffns, warnings)
                 dropped = {id(f) for f in ffns} - {id(f) for f in kept}
                 chosen = [f for f in chosen if id(f) not in dropped]
@@ -454,14 +185,12 @@ def convert(
         recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens)
     healing = None
     if heal:
-        from .heal import heal_layers
-
         dense = {d["moe"]: next(f.match for f in chosen if f.name == d["name"]) for d in layers_info}
         # Split layers were just built from the dense inputs of each layer: heal on the same sample rather
         # than reading the data again.
         healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed, steps=heal_steps,
                               inputs=recorded, routers_fitted=recorded is not None)
-    _strip_analysis_meta(model)
+    strip_analysis_meta(model)
     layers_info.sort(key=lambda d: d["position"])
     for d in layers_info:
         d.pop("position")
@@ -512,21 +241,6 @@ def _split_info(layer: MoELayer) -> dict[str, Any]:
     if partition is None:
         return {}
     return {"partition": partition, "shared_size": 0 if layer.shared is None else layer.shared.expert_size}
-
-
-def _non_finite_weights(ffns: list[FoundFFN]) -> list[str]:
-    """One warning per FFN whose dense weights hold NaN or Inf (converted as they are, and reported)."""
-    warnings = []
-    for ffn in ffns:
-        m = ffn.match
-        tensors = {"up": m.up_weight, "up bias": m.up_bias, "gate/up": m.gate_up_weight,
-                   "gate/up bias": m.gate_up_bias, "down": m.down_weight, "down bias": m.down_bias}
-        bad = [f"{name} ({int((~torch.isfinite(t)).sum())} values)" for name, t in tensors.items()
-               if t is not None and not t.is_meta and not bool(torch.isfinite(t).all())]
-        if bad:
-            warnings.append(f"{ffn.name or '(root)'}: non-finite weights in {', '.join(bad)}; its experts "
-                            "inherit them (check the checkpoint)")
-    return warnings
 
 
 def _disable_nested_tensor_fast_path(encoder: nn.Module) -> None:
@@ -597,7 +311,7 @@ def _rewrite_container(model, container, ffns, config, index_of, layers_info, in
         replacement = gm
     for target, layer in layers.items():
         ffn = next(f for f in ffns if f.name == layer.source)
-        qualname = container if replacement is layer else _join(container, target)
+        qualname = container if replacement is layer else join_name(container, target)
         layers_info.append({
             **ffn.to_dict(),
             "moe": qualname,
@@ -732,21 +446,3 @@ def _verify(model: nn.Module, inputs: tuple[tuple, dict], dense_output: Any, con
 def exact_tolerance(dtype: torch.dtype) -> float:
     """The relative error below which a conversion expected to be exact counts as exact, in ``dtype``."""
     return max(1e-5, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-5
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    """``[(qualified_name, MoELayer), ...]`` in model order."""
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELayer)]
-
-
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of every MoE layer's weighted auxiliary losses from the last forward pass (0 if none)."""
-    total = None
-    for _, layer in moe_layers(model):
-        for value in layer.aux_losses.values():
-            total = value if total is None else total + value
-    if total is None:
-        ref = next(iter(model.parameters()), None)
-        return torch.zeros((), device=ref.device if ref is not None else "cpu")
-    return total
-

@@ -17,6 +17,7 @@ __all__ = [
     "OutputExistsError",
     "PassError",
     "UnsafeFileError",
+    "first_line",
 ]
 
 
@@ -61,3 +62,10 @@ class PassError(MoefxError):
     """
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters; its type name when it has none), for
+    one-line error messages that quote what failed underneath."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -15,8 +15,10 @@ import torch
 from .config import MoEConfig
 from .errors import ConfigError
 from .layers import ExpertBank, MoELayer
+from .lora import build_lora_layer
 from .passes.ffn_rules import FFNMatch
 from .routers import build_router
+from .split import build_split_layer, empty_split_layer
 
 __all__ = ["EXPERT_BUILDERS", "build_moe_layer", "layer_generator", "random_experts", "upcycle_experts"]
 
@@ -97,14 +99,10 @@ def build_moe_layer(match: FFNMatch, config: MoEConfig, layer_index: int, source
     (``split``: co-activation partition, fitted router, compensation).
     """
     if config.init == "split":
-        from .split import build_split_layer, empty_split_layer
-
         if not init:
             return empty_split_layer(match, config, source)
         return build_split_layer(match, config, layer_generator(config, layer_index, stream=1), source, calib_inputs)
     if config.init == "lora":
-        from .lora import build_lora_layer
-
         return build_lora_layer(match, config, layer_generator(config, layer_index, stream=1), source, init=init)
     if init:
         experts = EXPERT_BUILDERS[config.init](match, config, layer_index)

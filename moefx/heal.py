@@ -30,16 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ACTIVATIONS
+from .analysis import find_ffns
 from .calibrate import calibration_batches, record_ffns
-from .config import CALIB_TOKENS, HEAL_STEPS
+from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig
 from .errors import CalibrationError, ConfigError
 from .experts import layer_generator
-from .layers import ExpertBank, MoELayer
+from .layers import ExpertBank, MoELayer, moe_layers
 from .passes.ffn_rules import FFNMatch
 from .progress import progress
+from .sources import load_source
 from .split import fit_router, oracle_choice
 
-__all__ = ["heal", "heal_layers"]
+__all__ = ["check_rows", "heal", "heal_layer", "heal_layers"]
 
 log = logging.getLogger("moefx")
 
@@ -64,21 +66,17 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
 
     Returns the per-layer report (also kept in ``model.moefx_info.healing``).
     """
-    from .convert import _analyze, moe_layers
-
     info = getattr(model, "moefx_info", None)
     if info is None:
         raise ConfigError("heal() needs a model converted by moefx.convert or loaded by moefx.load")
     if dense is None:
-        from .io import load_source
-
         spec = (info.source or {}).get("spec")
         if not spec:
             raise ConfigError("the dense model this was converted from is unknown (it was converted from a Python "
                               "object); pass it: heal(model, calib, dense=dense_model) or --dense MODEL")
         dense = load_source(spec, trust_remote_code=trust_remote_code).model
     _check_is_source(model, dense)
-    analysis = _analyze(dense, info.inputs, None)
+    analysis = find_ffns(dense, info.inputs, None)
     matches = {f.name: f.match for f in analysis.ffns}
     targets = {}
     for name, layer in moe_layers(model):
@@ -151,8 +149,6 @@ def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, m
     the split layers' routers were just fitted to their oracle on those very inputs: the least-squares stage
     keeps them instead of fitting them again.
     """
-    from .config import MoEConfig
-
     if steps < 0:
         raise ConfigError(f"heal steps must be >= 0, got {steps}")
     if inputs is None:
@@ -166,7 +162,7 @@ def heal_layers(model: nn.Module, dense: dict[str, FFNMatch], batches: Any, *, m
     with progress(total=len(dense), desc="healing", unit="layer") as bar:
         for name, match in dense.items():
             layer = model.get_submodule(name)
-            report.append({"layer": name, **_heal_layer(layer, match, inputs[name], steps, not routers_fitted)})
+            report.append({"layer": name, **heal_layer(layer, match, inputs[name], steps, not routers_fitted)})
             bar.update(1)
     for entry in report:
         log.info("moefx: healed %s: relative error %.3g -> %.3g (%s)", entry["layer"], entry["error_before"],
@@ -187,7 +183,10 @@ def check_rows(name: str, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _heal_layer(layer: MoELayer, match: FFNMatch, x: torch.Tensor, steps: int, refit_router: bool) -> dict[str, Any]:
+def heal_layer(layer: MoELayer, match: FFNMatch, x: torch.Tensor, steps: int, refit_router: bool) -> dict[str, Any]:
+    """Fit one MoE layer to its dense FFN ``match`` on the layer's inputs ``x [N, H]`` (the module docstring's
+    stages; ``refit_router``: refit a split layer's router first), in place; returns its report entry. The
+    streamed conversion heals each layer this way as it builds it."""
     was_training = layer.training
     layer.eval()
     try:

@@ -15,7 +15,7 @@ __all__ = ["build_without_weights", "dummy_inputs", "empty_parameters", "is_hf_m
 
 def is_hf_model(model: nn.Module) -> bool:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # optional: needs moefx[hf]
     except ImportError:  # pragma: no cover - transformers is optional
         return False
     return isinstance(model, PreTrainedModel)

@@ -8,7 +8,8 @@ Routers see the tokens as groups: for an input ``[..., S, H]`` a group is one se
 along the second-to-last dimension); a 2-D input ``[T, H]`` is one group. Token-mixing routers (Soft MoE,
 Expert Choice) mix tokens only within a group, so one sequence's output never depends on another's.
 
-:func:`routing_stats` reads every layer's routing statistics after a forward pass.
+:func:`moe_layers` lists a model's MoE layers, :func:`aux_loss` sums their auxiliary losses and
+:func:`routing_stats` reads their routing statistics after a forward pass.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from torch import nn
 
 from . import ops
 from .activations import ACTIVATIONS
-from .routers import Router, Routing, RoutingStats, SoftMoERouter, _unobserved
+from .routers import Router, Routing, RoutingStats, SoftMoERouter, unobserved
 
-__all__ = ["ExpertBank", "MoELayer", "routing_stats"]
+__all__ = ["ExpertBank", "MoELayer", "aux_loss", "moe_layers", "routing_stats"]
 
 
 class ExpertBank(nn.Module):
@@ -149,8 +150,8 @@ class MoELayer(nn.Module):
         # The output zeroed on an expert worker while this thread routes (eager inference, token routers).
         zeroed = (ops.zeros_ahead(tokens.shape[0], self.experts.out_features, tokens)
                   if serial_router and not isinstance(self.router, SoftMoERouter)
-                  and _unobserved(tokens, *self.experts.weights()) else None)
-        with ops._serial_glue(serial_router):
+                  and unobserved(tokens, *self.experts.weights()) else None)
+        with ops.serial_glue(serial_router):
             routing = self.router(tokens, group_size)
         if routing.dispatch is not None:
             y = self._soft_forward(tokens, routing)
@@ -214,10 +215,10 @@ def _serial_router(tokens: torch.Tensor, num_experts: int) -> bool:
     """Whether to route on one thread: eager CPU inference where the router's GEMM is small.
 
     Its ops (a ``[T, H] x [H, E]`` GEMM, softmax and top-k over ``E``) are too small to gain from a second
-    thread, and each costs a pool wake-up under ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`ops._serial_glue`).
+    thread, and each costs a pool wake-up under ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`ops.serial_glue`).
     """
     return (
-        ops._SERIAL_GLUE
+        ops.SERIAL_GLUE
         and tokens.device.type == "cpu"
         and not torch.is_grad_enabled()
         and tokens.shape[0] * tokens.shape[1] * num_experts <= _SERIAL_ROUTER_MACS
@@ -234,7 +235,7 @@ def _plain_inference(tokens: torch.Tensor, combine_weight: torch.Tensor, experts
     Then the layer may call the eager kernel directly; otherwise it calls the custom op, so that graphs keep
     one node per layer, FLOP counters see the op and backward recomputes instead of storing activations.
     """
-    return _unobserved(tokens, combine_weight, *experts.weights())
+    return unobserved(tokens, combine_weight, *experts.weights())
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict]:
@@ -251,3 +252,20 @@ def routing_stats(model: nn.Module) -> dict[str, dict]:
         if isinstance(module, MoELayer) and module.router.last_stats is not None:
             stats[name] = module.router.last_stats.to_dict()
     return stats
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """``[(qualified_name, MoELayer), ...]`` in model order."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELayer)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of every MoE layer's weighted auxiliary losses from the last forward pass (0 if none)."""
+    total = None
+    for _, layer in moe_layers(model):
+        for value in layer.aux_losses.values():
+            total = value if total is None else total + value
+    if total is None:
+        ref = next(iter(model.parameters()), None)
+        return torch.zeros((), device=ref.device if ref is not None else "cpu")
+    return total

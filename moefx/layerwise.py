@@ -29,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import TensorEntry, hf_key_resolver, read_tensor
+from .analysis import find_ffns, join_name
+from .checkpoint import TensorEntry, hf_key_resolver, read_checkpoint_entries, read_tensor
 from .errors import ModelLoadError, MoefxError
+from .hf import build_without_weights, dummy_inputs
+from .sources import hf_model_class, load_hf_config, resolve_dtype
 
 __all__ = ["FFNActivations", "LayerwiseRunner"]
 
@@ -59,27 +62,20 @@ class LayerwiseRunner:
     """
 
     def __init__(self, source_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        from .convert import _analyze, _join
-        from .hf import build_without_weights
-        from .io import _hf_class, _load_hf_config
-        from .stream import _read_source, _resolve_dtype
-
         self.source_dir = Path(source_dir)
-        config_dict, hf_config = _load_hf_config(self.source_dir)
-        self.entries, _ = _read_source(self.source_dir)
-        cls = _hf_class(config_dict)
-        self.dtype = dtype or _resolve_dtype(hf_config, self.entries)
+        config_dict, hf_config = load_hf_config(self.source_dir)
+        self.entries, _ = read_checkpoint_entries(self.source_dir)
+        cls = hf_model_class(config_dict)
+        self.dtype = dtype or resolve_dtype(hf_config, self.entries)
         self.model = build_without_weights(cls, hf_config, dtype=self.dtype, real_buffers=True)
         self._resolve = hf_key_resolver(self.model, self.entries)
         # Find the FFNs on an all-meta twin (the sample pass needs meta inputs and meta buffers).
         twin = build_without_weights(cls, hf_config, dtype=self.dtype)
-        from .hf import dummy_inputs
-
         inputs = {k: v.to("meta") for k, v in dummy_inputs(twin, device="cpu").items()}
-        analysis = _analyze(twin, ((), inputs), None)
+        analysis = find_ffns(twin, ((), inputs), None)
         self.ffns: list[tuple[str, int, str, str]] = []  # (name, layer index, up projection, down projection)
         for i, ffn in enumerate(analysis.ffns):
-            modules = [_join(ffn.container, m) for m in ffn.match.modules]
+            modules = [join_name(ffn.container, m) for m in ffn.match.modules]
             self.ffns.append((ffn.name, i, modules[0], modules[-1]))
         self.stack_name, self.blocks = self._decoder_stack()
 

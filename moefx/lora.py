@@ -24,7 +24,7 @@ from .activations import ACTIVATIONS
 from .config import MoEConfig
 from .layers import ExpertBank, MoELayer
 from .passes.ffn_rules import FFNMatch
-from .routers import _assignment_load, build_router
+from .routers import assignment_load, build_router
 
 __all__ = ["LoRAMoELayer", "build_lora_layer"]
 
@@ -59,7 +59,7 @@ class LoRAMoELayer(MoELayer):
         routing = self.router(tokens, group_size)
         index, weight = routing.expert_index, routing.combine_weight.to(tokens.dtype)  # [T, k]
         # Each token's gate values as a [T, E] matrix (zero for experts it did not pick or that dropped it).
-        combine = _assignment_load(index, self.num_experts, weight)
+        combine = assignment_load(index, self.num_experts, weight)
         d = self.experts
         pre = F.linear(tokens, d.w1[0], None if d.b1 is None else d.b1[0])
         pre = pre + self._adapt(tokens, combine, self.up_a, self.up_b)

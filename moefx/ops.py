@@ -48,10 +48,12 @@ from .activations import ACTIVATIONS
 
 __all__ = [
     "expert_ffn",
+    "linear_here",
     "moe_ffn",
     "moe_ffn_kernel",
     "moe_ffn_reference",
     "route_topk",
+    "serial_glue",
     "topk_moe",
     "topk_moe_reference",
     "zeros_ahead",
@@ -174,7 +176,7 @@ def moe_ffn_kernel(
         return x.new_zeros(1, out_features) if out is None else out
     threads = torch.get_num_threads()
     cpu = x.device.type == "cpu"
-    with _serial_glue(threads > 1 and cpu and (_SERIAL_GLUE or _EXPERT_THREADS)):
+    with serial_glue(threads > 1 and cpu and (SERIAL_GLUE or _EXPERT_THREADS)):
         order, token, counts = _group_by_expert(expert_index, w1.shape[0])
         if not len(order):
             return x.new_zeros(num_tokens, out_features) if zeroed is None else zeroed.result()
@@ -413,7 +415,7 @@ _ZEROS_AHEAD_MIN_BYTES = 1 << 18  # below this the caller zeroes the output itse
 
 
 #: Whether the eager kernel runs everything but its GEMMs on one thread (``MOEFX_SERIAL_GLUE=0``: off).
-_SERIAL_GLUE = os.environ.get("MOEFX_SERIAL_GLUE", "1") != "0"
+SERIAL_GLUE = os.environ.get("MOEFX_SERIAL_GLUE", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -432,7 +434,7 @@ def _intra_op_threads(count: int | None):
         torch.set_num_threads(current)
 
 
-def _serial_glue(enabled: bool):
+def serial_glue(enabled: bool):
     """Run the block's ops on one intra-op thread (GEMMs inside it switch back, see :func:`_expert_rows`).
 
     The gathers, activations and scatters between expert GEMMs are small (one expert's rows): split over
@@ -477,12 +479,14 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, threads: i
     """``F.linear(x, w, b)`` for a 2-D ``x``, through oneDNN where that is faster (fp32 CPU, >= 8 rows); on
     ``threads`` intra-op threads if given (and back to the current count afterwards)."""
     if threads is None:  # (the common case: no context manager on this per-GEMM path)
-        return _linear_here(x, w, b)
+        return linear_here(x, w, b)
     with _intra_op_threads(threads):
-        return _linear_here(x, w, b)
+        return linear_here(x, w, b)
 
 
-def _linear_here(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def linear_here(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for a 2-D ``x`` on the current intra-op threads, through oneDNN where that is
+    faster (fp32 CPU, >= 8 rows): the GEMM routine of the eager kernel, shared with the routers' gate."""
     if (
         _ONEDNN_LINEAR is not None
         and x.shape[0] >= _ONEDNN_MIN_ROWS

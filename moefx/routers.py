@@ -54,9 +54,9 @@ from torch.utils import _python_dispatch
 
 from . import ops
 from .config import MoEConfig
+from .context import current_modality, current_task_ids
 from .errors import ConfigError
 from .ops import route_topk
-from .tasks import current_modality, current_task_ids
 
 __all__ = [
     "ROUTER_TYPES",
@@ -69,9 +69,11 @@ __all__ = [
     "StaticRouter",
     "TaskRouter",
     "TopKRouter",
+    "assignment_load",
     "build_router",
     "check_router_causality",
     "model_causality",
+    "unobserved",
 ]
 
 
@@ -138,7 +140,7 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def _unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+def unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """True when nothing observes ops on ``x`` and ``others``: ``x`` a plain tensor, and no autograd, tracer,
     export, compile or dispatch mode (FLOP counters). Eager inference may then take shortcuts that graphs
     must not hold."""
@@ -151,7 +153,7 @@ def _unobserved(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 def _gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gate(x)``; for a plain ``nn.Linear`` in unobserved eager inference, through the eager kernel's GEMM
-    routine (:func:`moefx.ops._linear_here`: oneDNN where it is faster; the router's ``[T, H] x [H, E]``
+    routine (:func:`moefx.ops.linear_here`: oneDNN where it is faster; the router's ``[T, H] x [H, E]``
     GEMM at 512 tokens takes 75 us there against 127 us in ``F.linear`` on this project's CPU). Autocast,
     hooks and weights of a tensor subclass (quantized, say) get the module call."""
     if (
@@ -160,9 +162,9 @@ def _gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
         and all(p is None or type(p.data) is torch.Tensor for p in (gate.weight, gate.bias))
         and not _autocast_enabled(x.device.type)
-        and _unobserved(x, gate.weight, gate.bias)
+        and unobserved(x, gate.weight, gate.bias)
     ):
-        return ops._linear_here(x, gate.weight, gate.bias)
+        return ops.linear_here(x, gate.weight, gate.bias)
     return gate(x)
 
 
@@ -436,7 +438,7 @@ def _groups(num_tokens: int, group_size: int | None) -> tuple[int, int]:
     return num_tokens // m, m
 
 
-def _assignment_load(index: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+def assignment_load(index: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, E]``: how many of each token's assignments ``index [T, k]`` went to each expert (drops excluded),
     or with ``weight [T, k]`` the sum of those assignments' weights (a combine matrix).
 
@@ -496,7 +498,7 @@ class TopKRouter(Router):
         aux = self._finish(
             logits,
             lambda: torch.log_softmax(logits, dim=-1),
-            lambda: _assignment_load(index, self.num_experts),
+            lambda: assignment_load(index, self.num_experts),
             lambda: (index < 0).float().mean(-1),
             first_choice,
         )
@@ -750,7 +752,7 @@ class TaskRouter(Router):
         aux = self._finish(
             logits,
             lambda: torch.log_softmax(logits, dim=-1),
-            lambda: _assignment_load(index, self.num_experts),
+            lambda: assignment_load(index, self.num_experts),
             lambda: logits.new_zeros(x.shape[0]),
             index[:, 0],
         )
@@ -782,7 +784,7 @@ class StaticRouter(Router):
         aux = self._finish(
             logits,
             lambda: torch.log_softmax(logits, dim=-1),
-            lambda: _assignment_load(index, k),
+            lambda: assignment_load(index, k),
             lambda: logits.new_zeros(num_tokens),
             None,
         )

@@ -13,25 +13,29 @@ inputs) or, by default, the example inputs recorded at conversion. Errors are on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.utils import _pytree as pytree
+
+from moefx.cli import OneLineErrorParser
+from moefx.errors import MoefxError
+from moefx.inputs import batch_size
+from moefx.placement.runtime import ExpertParallelMoE, init_expert_parallel
+from moefx.placement.shards import check_partition, load_rank_model, read_example_inputs
+from moefx.saving import load
+from moefx.tasks import task_context
 
 __all__ = ["main", "split_batch"]
 
 
-def batch_size(inputs) -> int | None:
-    """The batch :func:`split_batch` splits: the first dimension of the inputs' first tensor (None: no tensor)."""
-    tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
-    return int(tensors[0].shape[0]) if tensors else None
-
-
 def split_batch(inputs: tuple[tuple, dict], rank: int, world_size: int) -> tuple[tuple, dict]:
     """This rank's slice of every tensor that has the batch dimension (the first tensor's first dimension)."""
-    from moefx.errors import MoefxError
-
     leaves, spec = pytree.tree_flatten(inputs)
     batch = batch_size(inputs)
     if batch is None:
@@ -63,16 +67,23 @@ def first_tensor(output) -> torch.Tensor:
     return leaves[0]
 
 
+def _pick_tensor(obj: Any, path: Path) -> torch.Tensor:
+    """The tensor of examples in a loaded inputs file: the tensor itself, a dict's ``input_ids``, or a dict's
+    only entry."""
+    if isinstance(obj, dict):
+        if "input_ids" in obj:
+            obj = obj["input_ids"]
+        elif len(obj) == 1:
+            obj = next(iter(obj.values()))
+    if not isinstance(obj, torch.Tensor) or obj.dim() == 0:
+        raise MoefxError(f"{path}: expected a tensor of examples (or a dict with 'input_ids')")
+    return obj
+
+
 def _load_inputs(path: Path, recorded: tuple[tuple, dict] | None) -> tuple[tuple, dict]:
-    from moefx.placement.stats import _pick_tensor
-
-    from .errors import MoefxError
-
     if not path.exists():
         raise MoefxError(f"{path}: no such inputs file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         data = _pick_tensor(load_file(str(path)), path)
     else:
         data = _pick_tensor(torch.load(str(path), map_location="cpu", weights_only=True), path)
@@ -82,8 +93,6 @@ def _load_inputs(path: Path, recorded: tuple[tuple, dict] | None) -> tuple[tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moefx.cli import OneLineErrorParser
-
     parser = OneLineErrorParser(prog="python -m moefx.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan_dir", type=Path, metavar="PLAN_DIR", help="a directory written by moefx partition")
@@ -104,41 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from moefx.errors import MoefxError
-
     rank = "?"
     try:
         return _run(args)
     except MoefxError as exc:
         if args.debug:
             raise
-        import os
-
         rank = os.environ.get("RANK", rank)
         print(f"moefx.run rank {rank}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from moefx.placement.runtime import init_expert_parallel
-    from moefx.placement.shards import check_partition, load_rank_model, read_example_inputs
-    from moefx.tasks import task_context
-
     check_partition(args.plan_dir)  # fail fast, before waiting for the other ranks
     rank, world = init_expert_parallel(args.backend, timeout=args.timeout)
     model = load_rank_model(args.plan_dir, rank, world, trust_remote_code=args.trust_remote_code)
     recorded = read_example_inputs(args.plan_dir)
     inputs = _load_inputs(args.inputs, recorded) if args.inputs is not None else recorded
     if inputs is None:
-        from moefx.errors import MoefxError
-
         raise MoefxError(f"{args.plan_dir}: no recorded example inputs; pass --inputs FILE")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     model.to(device)
@@ -160,10 +155,7 @@ def _report(args: argparse.Namespace, inputs: tuple[tuple, dict], gathered: list
     if args.save_output is not None:
         torch.save(full, args.save_output)
     if args.reference is not None:
-        import moefx
-        from moefx.tasks import task_context
-
-        reference = moefx.load(args.reference, trust_remote_code=args.trust_remote_code)
+        reference = load(args.reference, trust_remote_code=args.trust_remote_code)
         with torch.no_grad(), task_context(reference, args.task_id, str(args.reference)):
             expected = first_tensor(reference(*inputs[0], **inputs[1]))
         error = float((full - expected).abs().max())
@@ -174,9 +166,6 @@ def _report(args: argparse.Namespace, inputs: tuple[tuple, dict], gathered: list
 
 
 def _check_layers_ran(model) -> None:
-    from moefx.errors import MoefxError
-    from moefx.placement.runtime import ExpertParallelMoE
-
     idle = [m.name for m in model.modules() if isinstance(m, ExpertParallelMoE) and m.calls == 0]
     if idle:
         raise MoefxError(

@@ -42,23 +42,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import LayerSample
+from .analysis import find_ffns, non_finite_weights
+from .calibrate import LayerSample, TokenSampler, calibration_batches, find_tokenizer, real_tokens
 from .checkpoint import (
     INDEX_NAME,
     ShardWriter,
     TensorEntry,
-    checkpoint_files,
     hf_key_resolver,
-    read_header,
+    read_checkpoint_entries,
     read_tensor,
     sha256_file,
     shard_names,
     write_index,
 )
 from .config import CALIB_TOKENS, MoEConfig
+from .convert import convert
 from .errors import CalibrationError, ConfigError, ModelLoadError, MoefxError, OutputExistsError
+from .experts import build_moe_layer, layer_generator
+from .files import move_into_place
+from .heal import check_rows, heal_layer
+from .hf import build_without_weights, dummy_inputs
+from .layerwise import LayerwiseRunner
 from .progress import progress
-from .split import check_partition
+from .saving import write_metadata_files
+from .sources import hf_model_class, load_hf_config, resolve_dtype
+from .split import check_partition, partition_used, split_sizes
+from .version import __version__
 
 __all__ = ["DEFAULT_SHARD_SIZE", "StreamPlan", "StreamResult", "parse_size", "plan_stream", "run_stream",
            "stream_convert"]
@@ -112,7 +121,7 @@ class _View:
 class LayerPlan:
     """One FFN that becomes an MoE layer: where its dense tensors are and what the layer writes."""
 
-    ffn: Any  # moefx.convert.FoundFFN, with meta tensors in its match
+    ffn: Any  # moefx.analysis.FoundFFN, with meta tensors in its match
     index: int  # the layer index moefx.convert gives build_moe_layer (seeds)
     prefix: str  # the MoE layer's qualified name in the converted model
     fields: dict[str, _View | None]
@@ -161,52 +170,22 @@ class StreamPlan:
         self._shard_index = {name: i for i, names in enumerate(self.shards) for name in names}
 
 
-def _read_source(directory: Path) -> tuple[dict[str, TensorEntry], list[Path]]:
-    files = checkpoint_files(directory)
-    entries: dict[str, TensorEntry] = {}
-    for path in files:
-        for name, entry in read_header(path)[0].items():
-            if name in entries:
-                raise ModelLoadError(f"{directory}: tensor {name} is in both {entries[name].file.name} and "
-                                     f"{path.name}; the checkpoint is inconsistent")
-            entries[name] = entry
-    return entries, files
-
-
-def _resolve_dtype(hf_config: Any, entries: dict[str, TensorEntry]) -> torch.dtype:
-    """The dtype ``from_pretrained`` gives the model: the config's, else the checkpoint's first float dtype."""
-    dtype = getattr(hf_config, "dtype", None)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype, None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    for entry in entries.values():
-        if entry.dtype.is_floating_point:
-            return entry.dtype
-    return torch.float32
-
-
 def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, *,
                 max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> StreamPlan:
     """Plan the streamed conversion of the Hugging Face model directory ``source_dir`` without reading a
     weight (see the module docstring). Raises :class:`~moefx.errors.MoefxError` for bad input."""
-    from . import __version__
-    from .convert import _analyze, convert
-    from .hf import build_without_weights, dummy_inputs
-    from .io import _hf_class, _load_hf_config
-
     config = config or MoEConfig()
     max_shard_size = parse_size(max_shard_size)
     directory = Path(source_dir)
     if not directory.is_dir():
         raise ModelLoadError(f"{directory}: streaming converts a Hugging Face model directory (config.json + "
                              "safetensors weights); no such directory")
-    config_dict, hf_config = _load_hf_config(directory)
-    entries, files = _read_source(directory)
-    cls = _hf_class(config_dict)
-    import transformers
+    config_dict, hf_config = load_hf_config(directory)
+    entries, files = read_checkpoint_entries(directory)
+    cls = hf_model_class(config_dict)
+    import transformers  # optional: needs moefx[hf]; load_hf_config checked it is installed
 
-    dtype = _resolve_dtype(hf_config, entries)
+    dtype = resolve_dtype(hf_config, entries)
     try:
         dense = build_without_weights(cls, hf_config, dtype=dtype)
     except Exception as exc:
@@ -225,7 +204,7 @@ def plan_stream(source_dir: str | os.PathLike, config: MoEConfig | None = None, 
     def checkpoint_key(t: torch.Tensor) -> str | None:
         return next((key for name in names_of.get(id(t), []) if (key := resolve(name)) is not None), None)
 
-    analysis = _analyze(dense, ((), meta_inputs), config)
+    analysis = find_ffns(dense, ((), meta_inputs), config)
     index_of = {f.name: i for i, f in enumerate(analysis.ffns)}
     layer_fields: dict[str, dict[str, _View | None]] = {}
     for ffn in analysis.ffns:
@@ -392,9 +371,6 @@ class _Producer:
         return t
 
     def _build(self, layer: LayerPlan) -> None:
-        from .convert import _non_finite_weights
-        from .experts import build_moe_layer
-
         # One read per stored tensor, even when two fields view it (the halves of a fused gate/up projection).
         loaded: dict[str, torch.Tensor] = {}
         values: dict[str, torch.Tensor | None] = {}
@@ -412,15 +388,13 @@ class _Producer:
         match = dataclasses.replace(layer.ffn.match, **values)
         # A float32 sum is finite when every value is (barring overflow): a cheap screen before the full check.
         if not all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in loaded.values()):
-            self.warnings.extend(_non_finite_weights([dataclasses.replace(layer.ffn, match=match)]))
+            self.warnings.extend(non_finite_weights([dataclasses.replace(layer.ffn, match=match)]))
         sample = self.calibration.get(layer.ffn.name)
         moe = build_moe_layer(match, self.plan.config, layer.index, layer.ffn.name,
                               calib_inputs=None if sample is None else sample.inputs)
         if self.heal is not None:
-            from .heal import _heal_layer
-
             steps, inputs, refit_router = self.heal
-            entry = _heal_layer(moe, match, inputs[layer.ffn.name].inputs, steps, refit_router)
+            entry = heal_layer(moe, match, inputs[layer.ffn.name].inputs, steps, refit_router)
             self.healing[layer.ffn.name] = {"layer": self._moe_names[layer.ffn.name], **entry}
         written = set(self.plan.tensors)
         for key, value in moe.state_dict().items():
@@ -480,10 +454,6 @@ def calibrate_stream(plan: StreamPlan, calib: Any, *, calib_tokens: int = CALIB_
     seeded sample of its inputs ``moefx.convert(..., calib=...)`` keeps, so the streamed conversion equals the
     in-memory one. ``for_healing``: the sample healing takes for a layer that is not a calibrated split (split
     layers heal on the sample they were built from)."""
-    from .calibrate import TokenSampler, calibration_batches, find_tokenizer, real_tokens
-    from .experts import layer_generator
-    from .layerwise import LayerwiseRunner
-
     runner = LayerwiseRunner(plan.source_dir)
     if tokenizer is None:
         tokenizer = find_tokenizer(plan.source_dir)
@@ -520,8 +490,6 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
     ``crash_after_shards`` raises ``KeyboardInterrupt`` after that many shards were written in this run
     (for tests of resume; a real interruption is the same).
     """
-    from .io import _move_into_place, write_metadata_files
-
     start = time.perf_counter()
     calibrated_split = calibration is not None and plan.config.init == "split"
     check_partition(plan.config, calibrated=calibration is not None)
@@ -532,8 +500,6 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
         if heal_inputs is None:
             raise ConfigError("healing fits the MoE layers to the dense FFNs on calibration data; pass heal_inputs= "
                               "(--calib FILE)")
-        from .heal import check_rows
-
         for name, sample in heal_inputs.items():
             check_rows(name, sample.inputs)
     samples = dict(calibration or {})
@@ -611,7 +577,7 @@ def run_stream(plan: StreamPlan, out: str | os.PathLike, *, force: bool = False,
     info.seconds = time.perf_counter() - start
     (work / _STATE).unlink()
     write_metadata_files(plan.model, info, info.source, work, weight_files)
-    _move_into_place(work, out)
+    move_into_place(work, out)
     return StreamResult(out, time.perf_counter() - start, reader.bytes_read, written, shards_written,
                         len(plan.shard_files) - len(todo))
 
@@ -621,8 +587,6 @@ def _record_split_layers(plan: StreamPlan, calibration: dict[str, LayerSample] |
     config = plan.config
     if config.init != "split":
         return
-    from .split import partition_used, split_sizes
-
     by_name = {layer.ffn.name: layer for layer in plan.layers.values()}
     for d in plan.model.moefx_info.layers:
         layer = by_name.get(d["name"])

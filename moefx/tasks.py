@@ -1,8 +1,8 @@
-"""Per-call routing context (task ids, modality masks) and per-task model extraction.
+"""Task-MoE on the converted model: running it on one task, and cutting it down to one task's experts.
 
-Some routing signals are not in the hidden states an MoE layer sees: the task of each example (Task-MoE)
-and the modality of each token (LIMoE's per-modality losses and statistics). The caller gives them for the
-duration of a forward pass with a context manager, so the model's own ``forward`` signature stays untouched::
+The routing context itself (:func:`task_ids`, :func:`modality`, the values routers read) lives in
+:mod:`moefx.context`, below the routers; this module re-exports it, so ``moefx.tasks`` stays the one place a
+user reaches for::
 
     with moefx.tasks.task_ids([0, 2, 2, 1]):   # one task id per example, or one int for the batch
         out = model(input_ids)
@@ -11,9 +11,7 @@ duration of a forward pass with a context manager, so the model's own ``forward`
         out = model(inputs_embeds=embeddings)
         loss = task_loss(out) + moefx.aux_loss(model)
 
-The values live in :mod:`contextvars` variables, so nested and concurrent (thread / asyncio) uses do not
-see each other's values, and leaving the ``with`` block always restores the previous value.
-
+:func:`task_context` runs a model on one ``--task-id`` (with the checks the commands need), and
 :func:`extract_task` cuts a Task-MoE model down to one task's experts: a smaller model that runs without
 the context and gives the same outputs for that task.
 """
@@ -21,35 +19,18 @@ the context and gives the same outputs for that task.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
-from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .capture import CapturedModule
+from .context import current_modality, current_task_ids, modality, task_ids
 from .errors import ConfigError
+from .layers import MoELayer
+from .routers import StaticRouter, TaskRouter
 
 __all__ = ["current_modality", "current_task_ids", "extract_task", "modality", "task_context", "task_ids"]
-
-_TASK_IDS: contextvars.ContextVar[int | torch.Tensor | None] = contextvars.ContextVar("moefx_task_ids", default=None)
-_MODALITY: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("moefx_modality", default=None)
-
-
-@contextlib.contextmanager
-def task_ids(ids: int | Sequence[int] | torch.Tensor) -> Iterator[None]:
-    """Run the enclosed forward passes with these task ids (``router='task'``).
-
-    Args:
-        ids: one int (every example has this task), one int per example (a sequence or a 1-D integer
-            tensor whose length is the batch size), or one int per token (a 2-D integer tensor shaped like the
-            token ids, ``[batch, seq]``).
-    """
-    token = _TASK_IDS.set(_normalize_task_ids(ids))
-    try:
-        yield
-    finally:
-        _TASK_IDS.reset(token)
 
 
 def task_context(model: nn.Module, task: int | None, what: str = "the model") -> contextlib.AbstractContextManager:
@@ -57,8 +38,6 @@ def task_context(model: nn.Module, task: int | None, what: str = "the model") ->
     without. One clear error where a task-routed model gets no task (``task`` None), ``task`` is out of range, or
     a model without task routing gets one. ``what`` names the model in messages. (Commands use it to run a
     model on ``--task-id N``.)"""
-    from .routers import TaskRouter
-
     tasks = [m.num_tasks for m in model.modules() if isinstance(m, TaskRouter)]
     if isinstance(task, bool) or not (task is None or isinstance(task, int)) or (task is not None and task < 0):
         raise ConfigError(f"task_id (--task-id) must be a non-negative integer, got {task!r}")
@@ -72,64 +51,6 @@ def task_context(model: nn.Module, task: int | None, what: str = "the model") ->
         raise ConfigError(f"{what}: task_id (--task-id) {task} is out of range: the model has {min(tasks)} tasks "
                           f"(0-{min(tasks) - 1})")
     return task_ids(task) if tasks else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def modality(mask: torch.Tensor | Sequence[Sequence[int]]) -> Iterator[None]:
-    """Run the enclosed forward passes with one modality id per token (e.g. 0 = text, 1 = image).
-
-    Routers then compute the LIMoE entropy losses per modality (averaged over the modalities present) and keep
-    per-modality routing statistics (``moefx.layers.routing_stats``). ``mask`` is a bool or integer tensor
-    with one entry per token the MoE layers see, in the same order: shaped like the token ids ``[batch,
-    seq]`` for a Transformer.
-    """
-    value = torch.as_tensor(mask)
-    if value.dtype == torch.bool:
-        value = value.long()
-    if value.is_floating_point() or value.is_complex():
-        raise ConfigError(f"modality mask must hold integer (or bool) modality ids, got dtype {value.dtype}")
-    if value.numel() and int(value.min()) < 0:
-        raise ConfigError("modality ids must be non-negative integers")
-    token = _MODALITY.set(value)
-    try:
-        yield
-    finally:
-        _MODALITY.reset(token)
-
-
-def current_task_ids() -> int | torch.Tensor | None:
-    """The task ids set by the innermost :func:`task_ids` block (an int, or a 1-D or 2-D int64 tensor), or None."""
-    return _TASK_IDS.get()
-
-
-def current_modality() -> torch.Tensor | None:
-    """The modality mask set by the innermost :func:`modality` block, or None."""
-    return _MODALITY.get()
-
-
-def _normalize_task_ids(ids: int | Sequence[int] | torch.Tensor) -> int | torch.Tensor:
-    if isinstance(ids, bool):
-        raise ConfigError(f"task ids must be integers, got {ids!r}")
-    if isinstance(ids, int):
-        if ids < 0:
-            raise ConfigError(f"task ids must be non-negative, got {ids}")
-        return ids
-    try:
-        value = torch.as_tensor(ids)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(
-            f"task ids must be one int or one int per example, got {type(ids).__name__}"
-        ) from None
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 2:
-        raise ConfigError(
-            f"task ids must be one int, a 1-D sequence of ints (one per example) or a 2-D [batch, seq] tensor "
-            f"(one per token), got dtype {value.dtype} and shape {tuple(value.shape)}"
-        )
-    if value.dim() == 0:
-        return _normalize_task_ids(int(value))
-    if value.numel() and int(value.min()) < 0:
-        raise ConfigError("task ids must be non-negative integers")
-    return value.long()
 
 
 def extract_task(model: nn.Module, task: int, *, inplace: bool = False) -> nn.Module:
@@ -148,10 +69,6 @@ def extract_task(model: nn.Module, task: int, *, inplace: bool = False) -> nn.Mo
     Raises:
         ConfigError: the model has no task-routed MoE layer, or ``task`` is out of range.
     """
-    from .capture import CapturedModule
-    from .layers import MoELayer
-    from .routers import StaticRouter, TaskRouter
-
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)
                and isinstance(m.router, TaskRouter)]
     if not targets:
@@ -178,7 +95,7 @@ def extract_task(model: nn.Module, task: int, *, inplace: bool = False) -> nn.Mo
         setattr(model.get_submodule(parent_name), child, small)
     for module in model.modules():
         if isinstance(module, CapturedModule):
-            module._bound.clear()  # graphs are bound to module objects; rebind to the new layers
+            module.rebind()  # graphs are bound to module objects; rebind to the new layers
     info = getattr(model, "moefx_info", None)
     if info is not None:  # the recipe no longer rebuilds this model: say what it is
         info = copy.copy(info)

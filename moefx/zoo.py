@@ -5,15 +5,21 @@ Each factory returns ``(model, example_inputs)`` with deterministic random weigh
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from .checkpoint import INDEX_NAME, ShardWriter, shard_names, write_index
+from .hf import build_without_weights
+from .sources import hf_model_class
 
 __all__ = ["TinyTransformer", "tiny_llama", "tiny_transformer", "write_random_checkpoint"]
 
 
 def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: int = 256, vocab: int = 256):
     """A LLaMA-architecture causal LM (transformers) with random weights, and example input ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional: needs moefx[hf]
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -74,16 +80,10 @@ def write_random_checkpoint(directory, config, *, seed: int = 0, dtype: torch.dt
 
     Values are slices of one random pool at random offsets, so a 13 GB checkpoint takes seconds to make.
     """
-    from pathlib import Path
-
-    from .checkpoint import INDEX_NAME, ShardWriter, shard_names, write_index
-    from .hf import build_without_weights
-    from .io import _hf_class
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.dtype = dtype
-    cls = _hf_class({"architectures": getattr(config, "architectures", None) or []})
+    cls = hf_model_class({"architectures": getattr(config, "architectures", None) or []})
     model = build_without_weights(cls, config, dtype=dtype)
     state = model.state_dict(keep_vars=True)
     seen: set[int] = set()

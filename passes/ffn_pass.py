@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
-from .ffn_rules import FailedMatch, FFNMatch, _is_ignored_user, find_linear_sites, match_ffn
+from .ffn_rules import FailedMatch, FFNMatch, find_linear_sites, is_ignored_user, match_ffn
 from .infra import PassResult
 
 __all__ = ["FindFFNPass", "RewriteFFNPass", "rewrite_with_layers"]
@@ -85,7 +85,7 @@ def _erase_nodes(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(nodes, key=lambda n: -order[n]):
         for user in list(node.users):
-            if _is_ignored_user(user):
+            if is_ignored_user(user):
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)

@@ -306,7 +306,9 @@ def describe(node: fx.Node) -> str:
     return f"{node.name} ({node.op} {target})"
 
 
-def _is_ignored_user(node: fx.Node) -> bool:
+def is_ignored_user(node: fx.Node) -> bool:
+    """A use of a value that reads nothing of it (torch.export's metadata and scalar assertions): the FFN
+    rules and the rewrite look past it."""
     return node.op == "call_function" and node.target in _IGNORED_USERS
 
 
@@ -513,7 +515,7 @@ class FFNRule:
                 inside.add(s.split)
         for node in inside - set(down.nodes):
             for user in node.users:
-                if user in inside or _is_ignored_user(user):
+                if user in inside or is_ignored_user(user):
                     continue
                 if _is_shape_read(user) and _feeds_only(user, inside):
                     continue  # reads only the shape, to reshape the FFN's own output

@@ -33,6 +33,7 @@ from moefx.bench.runners import onnx_feed, ort_session
 from moefx.errors import ConfigError, ModelLoadError
 from moefx.layers import ExpertBank, MoELayer
 from moefx.routers import build_router
+from moefx.sources import load_source
 
 TESTS = Path(__file__).parent
 E, H, I, O = 4, 8, 12, 8  # experts, hidden, expert inter, out
@@ -262,7 +263,7 @@ def converted_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bench")
     tiny_hf_model("llama").save_pretrained(root / "llama")
-    source = moefx.io.load_source(root / "llama")
+    source = load_source(root / "llama")
     model = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict())
     moefx.save(model, root / "out")
     return root / "out"
@@ -290,7 +291,7 @@ def test_bench_counts_dense_and_moe_per_token_of_the_same_rows(tmp_path):
     """An FFN in the root module, on image patches: both sides count per patch (16 per 16x16 image, patches of
     4x4), not per row of pixels on the dense side; per token the 4x4x3 -> 16 patch projection (1536 FLOPs) plus
     the FFN 16 -> 32 -> 16 (2048), and for the MoE the router (2 * 16 * 4) and one upcycled expert."""
-    source = moefx.io.load_source("toy_models:patch_mlp")
+    source = load_source("toy_models:patch_mlp")
     moe = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=1), *source.example_inputs[:1],
                         source=source.to_dict())
     moefx.save(moe, tmp_path / "out")
@@ -307,7 +308,7 @@ def test_bench_counts_dense_and_moe_per_token_of_the_same_rows(tmp_path):
 def test_bench_times_a_task_routed_model_on_the_task_given(tmp_path):
     """router='task': the task to time is required, in range, and used by torch (each token runs its task's
     top-2 experts) and by the ONNX files (their task_ids input); a token-routed model refuses a task id."""
-    source = moefx.io.load_source("toy_models:stack_of_mlps")
+    source = load_source("toy_models:stack_of_mlps")
     config = moefx.MoEConfig(router="task", num_tasks=3, num_experts=4, top_k=2)
     moefx.save(moefx.convert(source.model, config, *source.example_inputs[:1], source=source.to_dict()),
                tmp_path / "tasks")
@@ -333,7 +334,7 @@ def test_bench_counts_the_ffn_of_a_model_captured_layer_by_layer(tmp_path):
     from conftest import tiny_hf_model
 
     tiny_hf_model("bert").save_pretrained(tmp_path / "bert")
-    source = moefx.io.load_source(tmp_path / "bert")
+    source = load_source(tmp_path / "bert")
     moefx.save(moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict()),
                tmp_path / "out")
     report = run_bench(tmp_path / "out", batches=[2], seqs=[6], runtimes=["torch"], min_seconds=0.01, rounds=1)
@@ -362,7 +363,7 @@ def test_bench_tokens_of_an_image_model_are_its_patches(tmp_path):
     from conftest import tiny_hf_model
 
     tiny_hf_model("vit").save_pretrained(tmp_path / "vit")
-    source = moefx.io.load_source(tmp_path / "vit")
+    source = load_source(tmp_path / "vit")
     moefx.save(moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), source=source.to_dict()),
                tmp_path / "out")
     report = run_bench(tmp_path / "out", batches=[1, 3], seqs=[128], runtimes=["torch"], ffn=False,
@@ -388,7 +389,7 @@ def test_bench_an_exported_onnx_file_at_other_sizes(tmp_path):
     symbolic where no op tied it to a weight, and bench made up 1 for it: ONNX Runtime then failed)."""
     import onnx
 
-    source = moefx.io.load_source("toy_models:stack_of_mlps")
+    source = load_source("toy_models:stack_of_mlps")
     moe = moefx.convert(source.model, moefx.MoEConfig(num_experts=4, top_k=2), *source.example_inputs[:1])
     moefx.export_onnx(moe, None, tmp_path / "m.onnx", verify=False)
     [x] = onnx.load(str(tmp_path / "m.onnx")).graph.input

@@ -9,7 +9,8 @@ import torch
 
 import moefx
 from moefx.errors import ModelLoadError, OutputExistsError
-from moefx.io import atomic_output_dir
+from moefx.files import atomic_output_dir
+from moefx.sources import load_source
 
 from toy_models import MLP, Block, GatedMLP, Stack
 
@@ -80,7 +81,7 @@ def test_python_api_errors_are_moefx_errors_with_one_line():
         lambda: moefx.MoEConfig(num_experts=2, top_k=3),
         lambda: moefx.MoEConfig(router="nope"),
         lambda: moefx.MoEConfig(capacity_factor=-1.0),
-        lambda: moefx.io.load_source("does/not/exist.pt2"),
+        lambda: load_source("does/not/exist.pt2"),
         lambda: moefx.load("does/not/exist"),
     ]
     for case in cases:
@@ -96,7 +97,7 @@ def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
     machine could not read a converted model)."""
     import os
 
-    from moefx.io import atomic_write_text
+    from moefx.files import atomic_write_text
 
     x = torch.randn(2, 4, 16)
     moe = moefx.convert(_model(), moefx.MoEConfig(num_experts=3, top_k=2), example_inputs=(x,))

@@ -184,8 +184,8 @@ def test_eager_kernel_runs_glue_on_one_thread_and_gemms_on_all(monkeypatch, two_
     monkeypatch.setattr(ops, "_EXPERT_THREADS", False)
     monkeypatch.setattr(ops, "_MULTITHREAD_MIN_ROWS", 4)
     seen = {"gemm": set(), "activation": set()}
-    here, silu = ops._linear_here, ACTIVATIONS["silu"]
-    monkeypatch.setattr(ops, "_linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
+    here, silu = ops.linear_here, ACTIVATIONS["silu"]
+    monkeypatch.setattr(ops, "linear_here", lambda *a: (seen["gemm"].add(torch.get_num_threads()), here(*a))[1])
     monkeypatch.setitem(ACTIVATIONS, "silu", lambda h: (seen["activation"].add(torch.get_num_threads()), silu(h))[1])
     x, index, weight, weights = _kernel_case(40)
     with torch.no_grad():
@@ -207,8 +207,8 @@ def test_eager_kernel_splits_rows_between_expert_threads(monkeypatch, tokens, k,
     from moefx import ops
 
     seen = set()
-    here = ops._linear_here
-    monkeypatch.setattr(ops, "_linear_here", lambda *a: (
+    here = ops.linear_here
+    monkeypatch.setattr(ops, "linear_here", lambda *a: (
         seen.add((threading.current_thread().name, torch.get_num_threads())), here(*a))[1])
     x, index, weight, weights = _kernel_case(tokens, k)
     want = _per_token_reference(x, index, weight, *weights, "silu")
@@ -335,10 +335,10 @@ def test_layer_routes_on_one_thread_in_eager_inference(monkeypatch, two_threads)
     with torch.inference_mode():
         layer.eval()(x)
     layer.train()(x)
-    monkeypatch.setattr(ops, "_SERIAL_GLUE", False)
+    monkeypatch.setattr(ops, "SERIAL_GLUE", False)
     with torch.inference_mode():
         layer.eval()(x)
-    monkeypatch.setattr(ops, "_SERIAL_GLUE", True)
+    monkeypatch.setattr(ops, "SERIAL_GLUE", True)
     monkeypatch.setattr(layers, "_SERIAL_ROUTER_MACS", 16 * 4 * 40 - 1)  # a router GEMM above the limit
     with torch.inference_mode():
         layer(x)

@@ -643,8 +643,8 @@ def test_gate_takes_the_kernel_gemm_only_when_nothing_observes_it(monkeypatch, r
 
     from moefx import ops
 
-    routine, calls = ops._linear_here, []
-    monkeypatch.setattr(ops, "_linear_here", lambda *args: calls.append(args[0].shape) or routine(*args))
+    routine, calls = ops.linear_here, []
+    monkeypatch.setattr(ops, "linear_here", lambda *args: calls.append(args[0].shape) or routine(*args))
     router = router_cls(32, moefx.MoEConfig(num_experts=8, top_k=2, init="split")).eval()  # split: gate bias
     assert router.gate.bias is not None or router_cls is ExpertChoiceRouter
     x = torch.randn(40, 32)

@@ -450,7 +450,7 @@ def test_healing_accepts_the_source_when_its_checkpoint_lacks_a_head(tmp_path):
     on every load, so the source heal loads again differs there, and only there. That is still the source."""
     import json
 
-    from moefx.io import load_source
+    from moefx.sources import load_source
 
     tiny_hf_model("bert").save_pretrained(tmp_path / "bert")
     config = json.loads((tmp_path / "bert" / "config.json").read_text())
@@ -498,11 +498,11 @@ def test_a_lazily_loaded_split_model_saves_again_and_partitions(tmp_path):
     # The example model ties lm_head to the embeddings; a lazy load maps every weight from one file.
     from pathlib import Path
 
-    from moefx.io import load_source
     from moefx.placement.planner import model_fingerprint, plan_placement
     from moefx.placement.shards import write_partition
     from moefx.placement.stats import calibration_batches as placement_batches
     from moefx.placement.stats import record_stats
+    from moefx.sources import load_source
 
     source = load_source(Path(__file__).parent.parent / "examples" / "models" / "tiny-llama")
     moe = moefx.convert(source.model, MoEConfig(init="split", num_experts=4, top_k=2), inplace=True,

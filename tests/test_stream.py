@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_save
 import moefx
 from moefx.checkpoint import ShardWriter, lazy_state_dict
 from moefx.cli import main
-from moefx.io import load_source
+from moefx.sources import load_source
 from moefx.stream import plan_stream, run_stream
 from moefx.zoo import write_random_checkpoint
 

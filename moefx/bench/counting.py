@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers import MoELayer
 
 __all__ = ["ModelCost", "count_onnx", "count_torch", "expert_flops"]
 
@@ -88,10 +91,6 @@ def count_torch(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
 
 def _count_torch(model: nn.Module, args: tuple, kwargs: dict, ffn_modules: list[str | list[str]] | None,
                  tokens: int | None) -> ModelCost:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..layers import MoELayer
-
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
     records: dict[str, dict[str, Any]] = {}
     stack: list[tuple[str, int]] = []  # the MoE layers being run, and the counter's total when each began
@@ -244,10 +243,10 @@ def count_onnx(path: str, feed: dict[str, Any], tokens: int) -> ModelCost:
     """Parameters and FLOPs of an ONNX model: ``MatMul``, ``Gemm``, ``Conv`` and ``com.microsoft.MoE`` nodes,
     counted from their operand shapes in one ONNX Runtime run on ``feed`` (every operand made a graph output,
     so the shapes are the real ones, symbolic dimensions and contrib ops included)."""
-    import onnx
+    import onnx  # optional: needs moefx[onnx]
     import onnxruntime as ort
 
-    from ..onnx.schemas import MS_DOMAIN
+    from ..onnx.schemas import MS_DOMAIN  # optional: needs moefx[onnx]
 
     model = onnx.load(path)
     graph = model.graph

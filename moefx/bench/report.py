@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import MoefxError
+from ..files import atomic_write_text
 from ..report import format_table
 
 __all__ = ["BenchReport", "Measurement", "Speedup", "machine_info"]
@@ -59,14 +63,10 @@ class Speedup:
 
 
 def machine_info() -> dict[str, Any]:
-    import os
-
-    import torch
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "cpu": _cpu_name()}
     try:
-        import onnxruntime
+        import onnxruntime  # optional: needs moefx[onnx]
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:  # pragma: no cover
@@ -104,8 +104,6 @@ class BenchReport:
 
     def write_json(self, path: str | Path) -> None:
         """Write :meth:`to_json` to ``path`` atomically (a failed write leaves an existing file untouched)."""
-        from ..io import atomic_write_text
-
         atomic_write_text(path, self.to_json(), what="the JSON report")
 
     def render(self) -> str:
@@ -138,7 +136,7 @@ class BenchReport:
     def plot(self, path: str | Path) -> None:
         """Latency (p50) against batch size, one line per model and runtime, one panel per sequence length."""
         try:
-            import matplotlib
+            import matplotlib  # optional: needs moefx[plot]
         except ImportError:
             raise MoefxError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)") from None
 

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..capture import FlatCall, set_mode
 from ..errors import MoefxError
-from ..io import set_mode
+from ..hf import is_hf_model
+from ..inputs import default_inputs
 
 __all__ = [
     "export_dense_onnx",
@@ -47,11 +49,8 @@ def synthesize_inputs(model: nn.Module, example: tuple[tuple, dict] | None, batc
     Token ids are random ids below the vocabulary size, attention masks ones, ``[B, S, H]`` float inputs
     Gaussian; image-like inputs keep their spatial size. Hugging Face models run with ``use_cache=False``.
     """
-    from ..convert import _default_inputs
-    from ..hf import is_hf_model
-
     if example is None:
-        example = _default_inputs(model)
+        example = default_inputs(model)
         if example is None:
             raise MoefxError(
                 f"{type(model).__name__}: no example inputs to shape the benchmark inputs after; convert again "
@@ -89,7 +88,7 @@ def synthesize_inputs(model: nn.Module, example: tuple[tuple, dict] | None, batc
     return tuple(args), kwargs
 
 
-def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+def tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
@@ -132,7 +131,7 @@ def ort_runner(path: str | Path, feed: dict[str, np.ndarray], threads: int) -> C
 
 
 def ort_session(path: str | Path, threads: int):
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: needs moefx[onnx]
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -150,7 +149,7 @@ def onnx_feed(path_or_session: Any, args: tuple = (), kwargs: dict | None = None
               input_names: list[str] | None = None) -> dict[str, np.ndarray]:
     """The ORT feed for torch inputs: by name where the graph kept the names, else in order."""
     session = path_or_session if hasattr(path_or_session, "get_inputs") else ort_session(path_or_session, 1)
-    tensors = _tensor_leaves(args, kwargs or {})
+    tensors = tensor_leaves(args, kwargs or {})
     graph_inputs = [i.name for i in session.get_inputs()]
     names = input_names or graph_inputs
     by_name = dict(zip(names, tensors))
@@ -193,14 +192,13 @@ def export_dense_onnx(model: nn.Module, args: tuple, kwargs: dict, path: str | P
 
     Returns the graph's input names (one per tensor input, in order).
     """
-    from ..capture import _FlatCall
-    from ..onnx.export import export_dims
+    from ..onnx.export import export_dims  # optional: needs moefx[onnx]
 
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
     names = _leaf_names(model, args, kwargs)
     dims = export_dims(tensors)
-    shim = set_mode(_FlatCall(model, leaves, spec), False)
+    shim = set_mode(FlatCall(model, leaves, spec), False)
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir",
                                             "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in quiet]

@@ -22,19 +22,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, MoefxError
-from ..io import _first_line
+from ..capture import set_mode
+from ..errors import ConfigError, ModelLoadError, MoefxError, first_line
+from ..layers import MoELayer
 from ..progress import progress
+from ..saving import load, read_recipe
+from ..sources import rebuild_source
+from ..tasks import task_context
 from .counting import count_onnx, count_torch
 from .report import BenchReport, Measurement, Speedup
 from .runners import (
-    _tensor_leaves,
     export_dense_onnx,
     onnx_feed,
     ort_runner,
     ort_session,
     synthesize_inputs,
     synthesize_onnx_feed,
+    tensor_leaves,
     torch_runner,
     torch_threads,
 )
@@ -110,7 +114,7 @@ def run_bench(
 
 def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -> BenchReport:
     try:
-        import onnx
+        import onnx  # optional: needs moefx[onnx]
 
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -143,12 +147,8 @@ def _bench_onnx(path: Path, batches, seqs, threads, min_seconds, rounds, seed) -
 
 def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
                      trust_remote_code, seed, task_id) -> BenchReport:
-    import moefx
-    from moefx.io import read_recipe
-    from moefx.tasks import task_context
-
     recipe = read_recipe(path)
-    moe = moefx.load(path, trust_remote_code=trust_remote_code)
+    moe = load(path, trust_remote_code=trust_remote_code)
     with task_context(moe, task_id, str(path)):
         return _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, ffn, min_seconds,
                                       rounds, trust_remote_code, seed, task_id)
@@ -156,9 +156,6 @@ def _bench_converted(path: Path, batches, seqs, threads, runtimes, ffn, min_seco
 
 def _bench_converted_model(path, recipe, moe, batches, seqs, threads, runtimes, ffn, min_seconds, rounds,
                            trust_remote_code, seed, task_id) -> BenchReport:
-    from moefx.io import rebuild_source, set_mode
-    from moefx.layers import MoELayer
-
     moe = set_mode(moe, False)
     dense = set_mode(rebuild_source(path, recipe["source"], trust_remote_code), False)
     example = getattr(getattr(moe, "moefx_info", None), "inputs", None)
@@ -267,7 +264,7 @@ def _check_runs(path: Path, model: nn.Module, example: Any, batch: int, seq: int
     except MoefxError:
         raise
     except Exception as exc:
-        raise MoefxError(f"{path}: the model does not run on batch {batch}, sequence {seq} ({_first_line(exc)}); "
+        raise MoefxError(f"{path}: the model does not run on batch {batch}, sequence {seq} ({first_line(exc)}); "
                          "pass sizes it takes with --batch and --seq: a sequence within its maximum length, or the "
                          "shapes a program exported with fixed shapes was exported at") from None
 
@@ -311,7 +308,7 @@ def _callable_on_hidden(module: nn.Module, info: dict[str, Any]) -> bool:
 
 def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dict[tuple, tuple[Path, list]]:
     """ONNX files keyed by (scope, model, runtime): dense in 'ort', the MoE side in 'ort-fused'/'-unfused'/'-gather'."""
-    from moefx.onnx import export_onnx
+    from ..onnx import export_onnx  # optional: needs moefx[onnx]
 
     files: dict[tuple, tuple[Path, list]] = {}
     args, kwargs = synthesize_inputs(dense, example, _EXPORT_BATCH, _EXPORT_SEQ, seed=seed)
@@ -336,12 +333,12 @@ def _export_all(tmp: Path, dense, moe, example, ffn_pair, runtimes, seed) -> dic
 def _task_feed(session, args: tuple, kwargs: dict, names: list, task_id: int | None) -> dict:
     """The ORT feed; a graph that takes task ids (an MoE side with task-routed layers) gets ``task_id`` for every
     example of the batch (or token, as the graph was exported)."""
-    from moefx.onnx.export import TASK_IDS_INPUT
+    from ..onnx.export import TASK_IDS_INPUT  # optional: needs moefx[onnx]
 
     graph = {i.name: i for i in session.get_inputs()}
     if task_id is None or TASK_IDS_INPUT not in graph:
         return onnx_feed(session, args, kwargs, names)
-    lead = _tensor_leaves(args, kwargs)[0]
+    lead = tensor_leaves(args, kwargs)[0]
     shape = lead.shape[:len(graph[TASK_IDS_INPUT].shape)]
     return onnx_feed(session, args, {**kwargs, TASK_IDS_INPUT: torch.full(tuple(shape), task_id)},
                      [*names, TASK_IDS_INPUT] if names and TASK_IDS_INPUT not in names else names)

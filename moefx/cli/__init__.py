@@ -1,5 +1,9 @@
 """The ``moefx`` command: one module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``.
 
+The top of the layering: commands import the library modules they run inside ``run`` (and torch only where a
+flag needs it), so that building the parser (``moefx --help``, a usage error) stays cheap; that is the one
+reason for function-local imports here.
+
 Errors a user can fix (:class:`moefx.errors.MoefxError`) print one line on stderr and exit with their code
 (2 for input errors); anything else is a bug and exits with 1. ``--debug`` shows the traceback.
 """
@@ -12,6 +16,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+
+from moefx.errors import MoefxError
+from moefx.progress import set_quiet
+from moefx.version import __version__
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -40,8 +48,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moefx import __version__
-
     parser = OneLineErrorParser(
         prog="moefx",
         description="Convert the dense FFNs of a PyTorch Transformer into Mixture-of-Experts layers.",
@@ -74,12 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    from moefx.progress import set_quiet
-
     set_quiet(True if quiet else None)
     module = importlib.import_module(COMMANDS[args.command], __name__)
-    from moefx.errors import MoefxError
-
     try:
         return int(module.run(args) or 0)
     except MoefxError as exc:

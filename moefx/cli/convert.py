@@ -262,9 +262,11 @@ def check_side_file(flag: str, path: Path, model: str, *, force: bool, taken: di
 
 
 def run(args: argparse.Namespace) -> int:
-    import moefx
-    from moefx.io import load_example_inputs, load_source
+    from moefx.convert import convert
+    from moefx.inputs import load_example_inputs
     from moefx.report import render_conversion_text
+    from moefx.saving import save
+    from moefx.sources import load_source
 
     config = config_from_args(args)
     out = args.output or default_output(args.model)
@@ -296,12 +298,12 @@ def run(args: argparse.Namespace) -> int:
     source = load_source(args.model, trust_remote_code=args.trust_remote_code)
     inputs = example or source.example_inputs or (None, None)
     try:
-        model = moefx.convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
-                              source=source.to_dict(), calib=args.calib, calib_tokens=args.calib_tokens,
-                              heal=args.heal, heal_steps=args.heal_steps)
+        model = convert(source.model, config, inputs[0], example_kwargs=inputs[1], inplace=True,
+                        source=source.to_dict(), calib=args.calib, calib_tokens=args.calib_tokens,
+                        heal=args.heal, heal_steps=args.heal_steps)
     except ConfigError as exc:
         raise ConfigError(_in_flag_terms(str(exc))) from None
-    moefx.save(model, out, force=args.force)
+    save(model, out, force=args.force)
     report = model.moefx_info.report()
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)

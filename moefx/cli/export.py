@@ -71,14 +71,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_converted(spec: str, *, trust_remote_code: bool = False):
     """The converted model named by ``spec`` and its example inputs ``(args, kwargs)`` or None."""
-    import moefx
-    from moefx.io import load_source
+    from moefx.layers import moe_layers
+    from moefx.saving import load
+    from moefx.sources import load_source
 
     path = Path(spec)
     if path.is_dir() and (path / "recipe.json").exists():
-        return moefx.load(path, trust_remote_code=trust_remote_code), None
+        return load(path, trust_remote_code=trust_remote_code), None
     source = load_source(spec, trust_remote_code=trust_remote_code)
-    if not moefx.moe_layers(source.model):
+    if not moe_layers(source.model):
         raise MoefxError(
             f"{spec}: has no MoE layers; convert it first (moefx convert {spec} -o out/), then export out/"
         )
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         check_side_file("--json", args.json, args.model, force=args.force,
                         taken={"-o": args.output, "-o's external data": Path(f"{args.output}.data"),
                                "--inputs": args.inputs})
-    from moefx.io import load_example_inputs
+    from moefx.inputs import load_example_inputs
 
     example = load_example_inputs(args.inputs) if args.inputs is not None else None
     model, inputs = load_converted(args.model, trust_remote_code=args.trust_remote_code)

@@ -50,9 +50,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import moefx
-    from moefx.io import load_source
+    from moefx.heal import heal
     from moefx.report import format_table
+    from moefx.saving import load, save
+    from moefx.sources import load_source
     from moefx.tasks import task_context
 
     from .convert import check_not_an_input, check_output_parent
@@ -67,14 +68,14 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     check_output_parent(args.output)
-    model = moefx.load(args.out, trust_remote_code=args.trust_remote_code, lazy=False)
+    model = load(args.out, trust_remote_code=args.trust_remote_code, lazy=False)
     dense = None
     if args.dense is not None:
         dense = load_source(args.dense, trust_remote_code=args.trust_remote_code).model
     with task_context(model, args.task_id, str(args.out)):
-        report = moefx.heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens, steps=args.steps,
-                            trust_remote_code=args.trust_remote_code)
-    moefx.save(model, args.output, force=args.force)
+        report = heal(model, args.calib, dense=dense, calib_tokens=args.calib_tokens, steps=args.steps,
+                      trust_remote_code=args.trust_remote_code)
+    save(model, args.output, force=args.force)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _recorded_source(out: Path) -> str | None:
     """The dense source OUT records (heal reads it when --dense is not given), or None."""
-    from moefx.io import read_recipe
+    from moefx.saving import read_recipe
 
     try:
         return (read_recipe(out).get("source") or {}).get("spec")

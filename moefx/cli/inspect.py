@@ -35,10 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moefx.analysis import analyze
     from moefx.config import MoEConfig
-    from moefx.convert import analyze
-    from moefx.io import load_source, read_recipe
     from moefx.report import format_table, render_analysis_text
+    from moefx.saving import read_recipe
+    from moefx.sources import load_source
 
     from .convert import config_from_args
 

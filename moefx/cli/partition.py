@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,6 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb"
 
 def parse_bytes(text: str) -> int:
     """``16GB``, ``512MiB``, ``1e9`` -> bytes (binary units)."""
-    import re
-
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use e.g. 16GB or 512MiB)")
@@ -73,11 +72,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import moefx
+    from moefx.inputs import batch_size
     from moefx.placement.planner import model_fingerprint, plan_placement
     from moefx.placement.shards import write_partition
     from moefx.placement.stats import calibration_batches, record_stats
-    from moefx.run import batch_size
+    from moefx.saving import load
     from moefx.tasks import task_context
 
     if args.output.exists() and not args.force:
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_parent(args.output)
     if args.no_replication and args.replicas not in (None, 0):
         raise MoefxError("--no-replication and --replicas contradict each other; pass one")
-    model = moefx.load(args.model, trust_remote_code=args.trust_remote_code)
+    model = load(args.model, trust_remote_code=args.trust_remote_code)
     with task_context(model, args.task_id, str(args.model)):
         stats = record_stats(model, calibration_batches(model, args.calib))
     plan = plan_placement(

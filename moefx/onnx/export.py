@@ -15,6 +15,7 @@ renamed into place.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
 import itertools
@@ -32,14 +33,20 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 import torch
+from onnxscript import optimizer
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture import _FlatCall
-from ..convert import _normalize_inputs, moe_layers
-from ..errors import MoefxError, OutputExistsError
-from ..io import _first_line, atomic_write_text, set_mode, staging_dir
+from ..capture import CapturedModule, FlatCall, set_mode
+from ..context import current_task_ids, normalize_task_ids, traced_task_ids
+from ..context import task_ids as task_ids_context  # export_onnx has a task_ids argument
+from ..errors import MoefxError, OutputExistsError, first_line
+from ..files import atomic_write_text, staging_dir
+from ..hf import is_hf_model
+from ..inputs import normalize_inputs
+from ..layers import moe_layers
 from ..lora import LoRAMoELayer
+from ..routers import TaskRouter
 from .layer_ops import export_forwards
 from .report import ExportReport, LayerExport
 from .schemas import MOEFX_DOMAIN, MOEFX_DOMAIN_VERSION, MS_DOMAIN, ORT_MOE_INPUTS
@@ -58,7 +65,7 @@ __all__ = ["OnnxExportError", "export_onnx"]
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 _DISPATCH_KEY = "moefx.dispatch"
 _MOE_LAYER_CLASS = "moefx.layers.MoELayer"
-_SHIM_PREFIX = "mod."  # _FlatCall holds the model as .mod
+_SHIM_PREFIX = "mod."  # FlatCall holds the model as .mod
 
 
 class OnnxExportError(MoefxError):
@@ -214,7 +221,7 @@ def export_onnx(
 def _resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
         example_inputs, example_kwargs = None, {**example_inputs, **(example_kwargs or {})}
-    inputs = _normalize_inputs(example_inputs, example_kwargs)
+    inputs = normalize_inputs(example_inputs, example_kwargs)
     if inputs is None:
         inputs = getattr(getattr(model, "moefx_info", None), "inputs", None)
         if inputs is None:
@@ -228,8 +235,6 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict 
 
 def _wants_no_cache(model: nn.Module, kwargs: dict) -> bool:
     """Hugging Face models return a cache object by default, which is not a tensor output."""
-    from ..hf import is_hf_model
-
     if "use_cache" in kwargs or not is_hf_model(model):
         return False
     try:
@@ -247,9 +252,6 @@ def _prime_captured_containers(model: nn.Module, args: tuple, kwargs: dict) -> N
     padded position makes it capture that input structure now. (A workaround: remove it once
     ``CapturedModule`` can capture a new input structure while being exported.)
     """
-    from ..capture import CapturedModule
-    from ..hf import is_hf_model
-
     if not is_hf_model(model) or not any(isinstance(m, CapturedModule) for m in model.modules()):
         return
     try:
@@ -278,26 +280,19 @@ def _prime_captured_containers(model: nn.Module, args: tuple, kwargs: dict) -> N
 TASK_IDS_INPUT = "task_ids"
 
 
-class _TaskIdsCall(_FlatCall):
-    """:class:`_FlatCall` whose last input is the task ids, handed to the task routers for the call."""
+class _TaskIdsCall(FlatCall):
+    """:class:`~moefx.capture.FlatCall` whose last input is the task ids, handed to the task routers for the
+    call."""
 
     def forward(self, *tensors: torch.Tensor):
-        from .. import tasks
-
         *inputs, ids = tensors
-        token = tasks._TASK_IDS.set(ids)  # the traced tensor itself: task_ids() would read its values
-        try:
+        with traced_task_ids(ids):  # the traced tensor itself: task_ids() would read its values
             return super().forward(*inputs)
-        finally:
-            tasks._TASK_IDS.reset(token)
 
 
 def _task_ids_input(layers: list[tuple[str, nn.Module]], task_ids: Any, args: tuple,
                     kwargs: dict) -> torch.Tensor | None:
     """The example task ids (int64, ``[batch]`` or ``[batch, seq]``) for a model with task routers, else None."""
-    from ..routers import TaskRouter
-    from ..tasks import _normalize_task_ids, current_task_ids
-
     routers = [layer.router for _, layer in layers if isinstance(layer.router, TaskRouter)]
     if not routers:
         if task_ids is not None:
@@ -309,7 +304,7 @@ def _task_ids_input(layers: list[tuple[str, nn.Module]], task_ids: Any, args: tu
     if isinstance(ids, str) and ids not in ("example", "token"):
         raise MoefxError(f"task_ids={ids!r}: give task ids, or 'example' / 'token' for one id per example / token")
     if not isinstance(ids, str):
-        ids = _normalize_task_ids(ids)
+        ids = normalize_task_ids(ids)
         if not isinstance(ids, int):
             return ids.long()
     rank = 2 if ids == "token" else 1
@@ -329,9 +324,7 @@ def _task_context(ids: torch.Tensor | None) -> Iterator[None]:
     if ids is None:
         yield
         return
-    from ..tasks import task_ids
-
-    with task_ids(ids):
+    with task_ids_context(ids):
         yield
 
 
@@ -410,7 +403,7 @@ def _torch_onnx_export(model: nn.Module, args: tuple, kwargs: dict, reference: A
     if opset is not None:
         export_kwargs["opset_version"] = opset
     try:
-        shim = set_mode((_FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec), False)
+        shim = set_mode((FlatCall if tasks is None else _TaskIdsCall)(model, leaves, spec), False)
         # Fused: split layers (unit-weight top-k, shared expert, bias) become one moefx::unit_topk_moe call.
         with _quiet_torch_onnx(), (export_forwards(model) if options.fused else contextlib.nullcontext()):
             program = torch.onnx.export(
@@ -446,7 +439,7 @@ def _explain_failure(exc: BaseException) -> str:
                     "with padding), then export"
                 )
     root = chain[-1]
-    return f"{type(root).__name__}: {_first_line(root)}"
+    return f"{type(root).__name__}: {first_line(root)}"
 
 
 def _bind_translation(op_overload, fn, options: ExportOptions, dispatches: dict[str, tuple[str, Lowering]]):
@@ -538,8 +531,6 @@ def _add_local_functions(model: ir.Model) -> None:
 
 def _fold_weight_preparation(model: ir.Model) -> None:
     """Fold the translations' weight-only subgraphs (gate/up interleaving, transposes) into initializers."""
-    from onnxscript import optimizer
-
     with _quiet_torch_onnx():
         optimizer.fold_constants(
             model,
@@ -611,8 +602,6 @@ def _strip_shim_prefix(model: ir.Model) -> None:
 
 def _layer_of(node: ir.Node) -> str | None:
     """The MoE layer a node was exported from, from the exporter's module-stack metadata."""
-    import ast
-
     try:
         scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
         classes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "[]"))
@@ -685,7 +674,7 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises ValidationError and InferenceError
-        raise OnnxExportError(f"the exported model fails onnx.checker: {_first_line(exc)} (a bug in moefx)") from exc
+        raise OnnxExportError(f"the exported model fails onnx.checker: {first_line(exc)} (a bug in moefx)") from exc
 
 
 def _has_bfloat16(path: Path) -> bool:
@@ -697,7 +686,7 @@ def _has_bfloat16(path: Path) -> bool:
 def _verify(path: Path, tensors: list[torch.Tensor], reference: Any, input_names: list[str]) -> dict[str, Any]:
     """Run the file once with ONNX Runtime on the example inputs and compare with the torch outputs."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: the file is checked with ORT where it is installed
     except ImportError:
         return {"compared": False, "reason": "onnxruntime is not installed"}
     options = ort.SessionOptions()
@@ -707,11 +696,11 @@ def _verify(path: Path, tensors: list[torch.Tensor], reference: Any, input_names
     except Exception as exc:
         if "NOT_IMPLEMENTED" in str(exc) and (any(t.dtype == torch.bfloat16 for t in tensors) or _has_bfloat16(path)):
             raise MoefxError(
-                f"ONNX Runtime's CPU provider cannot run this bfloat16 model ({_first_line(exc)}); export it as "
+                f"ONNX Runtime's CPU provider cannot run this bfloat16 model ({first_line(exc)}); export it as "
                 "float16 or float32 (moefx export --dtype float16), or skip the check with --no-verify for a "
                 "runtime that has bfloat16 kernels"
             ) from None
-        raise OnnxExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)} (a bug in moefx)") from exc
+        raise OnnxExportError(f"ONNX Runtime cannot load the exported model: {first_line(exc)} (a bug in moefx)") from exc
     by_name = dict(zip(input_names, tensors))
     graph_inputs = [i.name for i in session.get_inputs()]
     if not set(graph_inputs) <= set(by_name):  # renamed by the exporter: inputs keep their order

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..layers import MoELayer
+from ..routers import TopKRouter
 
 __all__ = ["export_forwards", "unit_topk_layer", "unit_topk_moe"]
 
@@ -68,9 +70,6 @@ def _unit_topk_moe_fake(x, router_logits, w1, b1, w3, b3, w2, b2, shared_w1, sha
 def unit_topk_layer(layer: nn.Module) -> bool:
     """True for an MoE layer whose eval forward :func:`unit_topk_moe` computes: the plain ``MoELayer``
     forward, a dropless top-k router with unit weights, and a shared expert (if any) like the routed ones."""
-    from ..layers import MoELayer
-    from ..routers import TopKRouter
-
     if not isinstance(layer, MoELayer) or type(layer).forward is not MoELayer.forward:
         return False
     router = layer.router

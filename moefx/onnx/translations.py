@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
+import onnxscript
 import torch
 from onnxscript import opset18 as op
+from torch.onnx._internal.exporter import _building
 
 from . import layer_ops  # noqa: F401 - registers moefx::unit_topk_moe
 from .schemas import MOEFX_DOMAIN, moefx_function_opset, ort_moe_opset
@@ -563,9 +565,6 @@ MOE_FFN_FUNCTIONS: dict[str, MoEFunctionSpec] = {}
 def moe_ffn_function(spec: MoEFunctionSpec, opset_version: int = 18) -> ir.Function:
     """The body of ``moefx::<spec.name>``: the assignment as a combine matrix, then :func:`gather_experts` (each
     expert on its own tokens) in standard ops."""
-    import onnxscript
-    from torch.onnx._internal.exporter import _building
-
     values = {name: ir.Value(name=name) for name in spec.inputs}
     values["x"].dtype = spec.dtype
     values["expert_index"].dtype = spec.index_dtype

@@ -1,7 +1,7 @@
 """Expert placement across devices: load statistics, placement plans, shards and expert-parallel execution.
 
-The pieces, each its own module (imported lazily, so ``import moefx`` loads none of them and networkx and
-matplotlib are only imported by the functions that need them):
+The pieces, each its own module (imported lazily, so ``import moefx`` loads none of them, nor networkx;
+matplotlib, which is optional, is imported only by the function that draws a plan):
 
 * :mod:`~moefx.placement.stats` — ``LoadStats`` (tokens per expert per layer, co-selection and
   layer-to-layer transition counts), recorded from a forward pass or drawn from a Zipf model.

@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
+from networkx.algorithms import bipartite
 
-from moefx.io import read_json_file
+from moefx.files import read_json_file
+from moefx.layers import moe_layers
 
 from .eplb import eplb_placement
 from .errors import PlacementError, PlanMismatchError
@@ -120,8 +123,6 @@ class Plan:
         """Raise :class:`PlanMismatchError` unless this plan was made for ``model``'s MoE layers."""
         got = model_fingerprint(model)
         if self.fingerprint is not None and got != self.fingerprint:
-            from moefx.convert import moe_layers
-
             names = [n for n, _ in moe_layers(model)]
             raise PlanMismatchError(
                 f"the plan was made for another model ({len(self.layer_names)} MoE layers of {self.num_experts} "
@@ -131,7 +132,7 @@ class Plan:
 
     def render_png(self, path: str | os.PathLike, stats: LoadStats | None = None) -> None:
         """Heat map of predicted load per device (columns) per layer (rows)."""
-        import matplotlib
+        import matplotlib  # optional: needs moefx[plot]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -156,8 +157,6 @@ class Plan:
 
 def model_fingerprint(model) -> str:
     """A hash of the MoE layers' names, expert counts, weight shapes and router types."""
-    from moefx.convert import moe_layers
-
     parts = []
     for name, layer in moe_layers(model):
         shapes = [tuple(t.shape) if t is not None else None for t in layer.experts.weights()]
@@ -376,9 +375,6 @@ def _refine_balance(loads: np.ndarray, devices: list[list[int]], slots: int, max
 
 def _align_devices(stats: LoadStats, layers: list[list[list[int]]]) -> list[list[list[int]]]:
     """Relabel each layer's devices to keep chained experts together; every layer's loads are unchanged."""
-    import networkx as nx
-    from networkx.algorithms import bipartite
-
     E = stats.num_experts
     D = len(layers[0])
     out = [layers[0]]

@@ -35,7 +35,7 @@ from torch import nn
 
 from moefx import ops
 from moefx.errors import MoefxError
-from moefx.layers import ExpertBank, MoELayer
+from moefx.layers import ExpertBank, MoELayer, moe_layers
 from moefx.routers import Routing
 
 from .errors import ExpertParallelError, PlanMismatchError
@@ -228,8 +228,6 @@ def to_expert_parallel(model: nn.Module, plan: Plan, rank: int, world_size: int,
     Raises:
         PlanMismatchError: the plan is for another model or another number of ranks.
     """
-    from moefx.convert import moe_layers
-
     if plan.num_devices != world_size:
         raise PlanMismatchError(
             f"the plan is for {plan.num_devices} devices but {world_size} ranks are running; launch with "

@@ -25,12 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from moefx.io import atomic_output_dir, read_json_file, set_mode
+from moefx.capture import set_mode
+from moefx.config import MoEConfig
+from moefx.convert import convert
+from moefx.files import atomic_output_dir, read_json_file
+from moefx.layers import moe_layers
+from moefx.saving import read_example_inputs as read_saved_inputs
+from moefx.saving import read_recipe, save
+from moefx.sources import rebuild_source
 
 from .errors import PlanMismatchError, ShardError
 from .planner import Plan, model_fingerprint
+from .runtime import to_expert_parallel
 from .stats import LoadStats
 
 __all__ = ["load_rank_model", "read_example_inputs", "shard_name", "write_partition"]
@@ -43,8 +53,6 @@ def shard_name(rank: int, world_size: int) -> str:
 
 
 def _rank_state(model: nn.Module, plan: Plan, rank: int) -> dict[str, torch.Tensor]:
-    from moefx.convert import moe_layers
-
     expert_prefixes = {f"{name}.experts.": i for i, (name, _) in enumerate(moe_layers(model))}
     state = {}
     for key, value in model.state_dict().items():
@@ -71,10 +79,6 @@ def write_partition(
     force: bool = False,
 ) -> Path:
     """Write the partition directory ``out`` for ``plan`` (see the module docstring). Returns ``out``."""
-    from safetensors.torch import save_file
-
-    import moefx
-
     fingerprint = model_fingerprint(model)
     if plan.fingerprint is None:
         plan.fingerprint = fingerprint
@@ -83,7 +87,7 @@ def write_partition(
     with atomic_output_dir(out, force=force) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
             full = Path(scratch) / "model"
-            moefx.save(model, full)
+            save(model, full)
             for item in full.iterdir():
                 if item.name != "model.safetensors":
                     shutil.move(str(item), tmp / item.name)
@@ -138,18 +142,12 @@ def check_partition(out: str | os.PathLike, world_size: int | None = None) -> tu
 
 def read_example_inputs(out: str | os.PathLike) -> tuple[tuple, dict] | None:
     """The example inputs recorded at conversion (copied into the partition directory)."""
-    from moefx.io import read_example_inputs, read_recipe
-
     out = Path(out)
-    return read_example_inputs(out, read_recipe(out).get("example_inputs"))
+    return read_saved_inputs(out, read_recipe(out).get("example_inputs"))
 
 
 def _rebuild(out: Path, trust_remote_code: bool) -> nn.Module:
     """The converted architecture with uninitialised experts (``moefx.load`` without the weights)."""
-    from moefx.config import MoEConfig
-    from moefx.convert import convert
-    from moefx.io import read_recipe, rebuild_source
-
     recipe = read_recipe(out)
     config = MoEConfig.from_dict(recipe["config"])
     inputs = read_example_inputs(out)
@@ -167,10 +165,6 @@ def load_rank_model(out: str | os.PathLike, rank: int, world_size: int, *, group
         ShardError: a missing or damaged shard file.
         PlanMismatchError: the plan is for another number of ranks or another model.
     """
-    from safetensors import safe_open
-
-    from .runtime import to_expert_parallel
-
     out = Path(out)
     plan, manifest = check_partition(out, world_size)
     path = out / manifest["shards"][rank]
@@ -184,8 +178,6 @@ def load_rank_model(out: str | os.PathLike, rank: int, world_size: int, *, group
         raise ShardError(f"{path}: holds rank {meta.get('rank')} of another partition; run moefx partition again")
     model = _rebuild(out, trust_remote_code)
     local_banks = {}
-    from moefx.convert import moe_layers
-
     for i, (name, layer) in enumerate(moe_layers(model)):
         if i < len(plan.layers):
             local_banks[name] = layer.experts.select_experts(list(plan.layers[i][rank]))

@@ -23,16 +23,21 @@ Bytes = copies x (``dispatch_bytes`` + ``combine_bytes``): the token there and i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .stats import LoadStats
 
-if TYPE_CHECKING:
-    from .planner import Plan
+__all__ = ["Placement", "SimulationResult", "expert_fractions", "simulate"]
 
-__all__ = ["SimulationResult", "expert_fractions", "simulate"]
+
+class Placement(Protocol):
+    """What :func:`simulate` reads of a plan (:class:`~moefx.placement.planner.Plan` is one): the simulator
+    sits below the planner that calls it and knows nothing else of it."""
+
+    num_devices: int
+    layers: list[list[list[int]]]  # [layer][device] -> the logical experts that device holds
 
 
 @dataclass
@@ -63,7 +68,7 @@ def expert_fractions(devices: list[list[int]], num_experts: int) -> np.ndarray:
     return f / np.maximum(counts, 1.0)
 
 
-def simulate(plan: Plan, stats: LoadStats, *, home: str = "data-parallel") -> SimulationResult:
+def simulate(plan: Placement, stats: LoadStats, *, home: str = "data-parallel") -> SimulationResult:
     """Per-device load and all-to-all bytes of ``plan`` under ``stats`` (see the module docstring)."""
     if home not in ("data-parallel", "chained"):
         raise ValueError(f"home must be 'data-parallel' or 'chained', not {home!r}")

@@ -31,8 +31,9 @@ from torch import nn
 
 from moefx.calibrate import Batch, run_calibration_batch
 from moefx.calibrate import calibration_batches as moefx_calibration_batches
+from moefx.capture import set_mode
 from moefx.errors import MoefxError
-from moefx.io import set_mode
+from moefx.layers import moe_layers
 from moefx.progress import progress
 
 __all__ = ["LoadStats", "calibration_batches", "record_stats", "synthetic_stats"]
@@ -95,8 +96,6 @@ class LoadStats:
 
 
 def _moe_layers(model: nn.Module):
-    from moefx.convert import moe_layers
-
     layers = moe_layers(model)
     if not layers:
         raise MoefxError("the model has no MoE layers; convert it with moefx convert first")

@@ -43,7 +43,9 @@ from moefx.errors import (
     OutputExistsError,
     UnsafeFileError,
 )
-from moefx.io import load_example_inputs, load_source, read_recipe
+from moefx.inputs import load_example_inputs
+from moefx.saving import read_recipe
+from moefx.sources import load_source
 
 __all__ = ["CASES", "Assets", "Case", "Expect", "Invocation", "Workspace", "build_assets", "case", "expect"]
 

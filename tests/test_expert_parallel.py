@@ -202,3 +202,23 @@ def test_launch_mistakes_are_one_line_usage_errors(tmp_path):
                                 text=True, env=env, timeout=120)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_run_reads_an_inputs_file(tmp_path):
+    """`moefx.run --inputs FILE`: a tensor of examples, or a dict holding input_ids, from .pt or .safetensors
+    (its helper had been removed from moefx.placement.stats, and the import inside the function hid it)."""
+    from safetensors.torch import save_file
+
+    from moefx.errors import MoefxError
+    from moefx.run import _load_inputs
+
+    ids = torch.arange(12).reshape(3, 4)
+    torch.save(ids, tmp_path / "ids.pt")
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    args, kwargs = _load_inputs(tmp_path / "ids.pt", None)
+    assert torch.equal(args[0], ids) and kwargs == {}
+    args, kwargs = _load_inputs(tmp_path / "ids.safetensors", ((), {"input_ids": ids[:1]}))
+    assert args == () and torch.equal(kwargs["input_ids"], ids)
+    torch.save({"a": ids, "b": ids}, tmp_path / "two.pt")
+    with pytest.raises(MoefxError, match="expected a tensor of examples"):
+        _load_inputs(tmp_path / "two.pt", None)

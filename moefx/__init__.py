@@ -1,4 +1,32 @@
-"""moefx: convert the dense FFNs of any PyTorch Transformer into Mixture-of-Experts layers."""
+"""moefx: convert the dense FFNs of any PyTorch Transformer into Mixture-of-Experts layers.
+
+The package is in layers: a module imports only from the layers below it, and never another module's
+``_private`` names (``lint-imports`` checks the contract in pyproject.toml and
+``scripts/check_private_imports.py`` the names, both in ``.ci/run``). From the top:
+
+* ``run`` -- the torchrun entry point: run a partition expert-parallel
+* ``cli`` -- the ``moefx`` command
+* ``bench`` -- benchmarks: torch vs ONNX Runtime vs the dense model
+* ``onnx``, ``placement`` -- ONNX export with fused MoE ops; expert placement, shards, torch.distributed
+* ``stream`` -- streamed conversion of a checkpoint larger than memory
+* ``saving``, ``layerwise``, ``zoo`` -- save/load/recipe; layer-by-layer calibration; demo models
+* ``convert`` -- the conversion pipeline
+* ``heal`` -- fit each MoE layer to its dense FFN
+* ``analysis`` -- find the FFNs and near-misses (``analyze``, ``find_ffns``)
+* ``calibrate``, ``tasks``, ``sources`` -- calibration data; task routing on a model; load a MODEL
+* ``capture`` -- sample pass, symbolic_trace / torch.export, ``CapturedModule``
+* ``experts`` -- build an MoE layer for an FFN (upcycle, random; split and lora below it)
+* ``split``, ``lora`` -- neuron-partition experts; routed LoRA adapters
+* ``layers`` -- ``MoELayer``, ``ExpertBank``, ``moe_layers``, ``aux_loss``, ``routing_stats``
+* ``routers`` -- the routers
+* ``ops``, ``passes`` -- the ``moefx::`` custom ops; graph passes and FFN rules (the top-level ``passes/``)
+* ``inputs`` -- example inputs
+* ``config``, ``context``, ``hf``, ``checkpoint``, ``files`` -- MoEConfig; the task/modality context;
+  transformers specifics; safetensors files; atomic writes
+* ``errors``, ``activations``, ``progress``, ``report``, ``version`` -- the bottom, no moefx imports
+
+Modules on one line do not import each other. This module gathers the public API from them.
+"""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ class Analysis:
 
 
 def join_name(prefix: str, name: str) -> str:
-    """The qualified name of ``name`` inside the module ``prefix`` (either may be the root, \"\")."""
+    """The qualified name of ``name`` inside the module ``prefix`` (either may be the root, "")."""
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
@@ -141,8 +141,12 @@ def strip_analysis_meta(gm: nn.Module) -> None:
 
 
 def find_ffns(model: nn.Module, inputs: tuple[tuple, dict] | None, config: MoEConfig | None) -> Analysis:
-    """Find the FFNs of ``model`` (and near-misses), with transformers' FFN chunking off meanwhile (see
-    :func:`unchunk_ffns`): inspect, heal and the streamed plan see the FFNs convert converts."""
+    """Find the FFNs of ``model`` (and near-misses) on ``inputs`` (``(args, kwargs)``, or None: no sample pass).
+
+    The analysis convert, heal, stream and layerwise share, so all of them see the same FFNs: transformers' FFN
+    chunking is off meanwhile (see :func:`unchunk_ffns`), and the captured graphs keep the find_ffn pass's
+    annotations (``meta["moefx.*"]``), which the rewrite needs (:func:`strip_analysis_meta` drops them).
+    """
     with _ffns_unchunked(model):
         return _capture_and_match(model, inputs, config)
 
@@ -293,6 +297,7 @@ def _dedupe(items: list[NearMiss]) -> list[NearMiss]:
 
 
 def is_inside(name: str, container: str) -> bool:
+    """Whether the module ``name`` is ``container`` or inside it (everything is inside the root, "")."""
     return not container or name == container or name.startswith(container + ".")
 
 

@@ -76,33 +76,36 @@ def calibration_batches(
     batch_size: int = 16,
     max_length: int = 128,
     tokenizer: Any = None,
+    role: str = "calibration",
 ) -> Iterator[Batch]:
     """Forward-pass batches from calibration data ``calib`` (see the module docstring).
 
     ``example`` is the model's example inputs ``(args, kwargs)``: tensor data is checked against it (dtype
     kind and shape) and fed the same way (positionally or as ``input_ids``). Errors a user can fix raise
-    :class:`~moefx.errors.CalibrationError` naming the data. Nothing is read until the batches are iterated.
+    :class:`~moefx.errors.CalibrationError` naming the data (as ``role`` data: ``"evaluation"`` for
+    :mod:`moefx.evaluate`). Nothing is read until the batches are iterated.
     """
     if isinstance(calib, (str, os.PathLike)):
         path = Path(calib)
         if not path.is_file():
-            raise CalibrationError(f"{path}: no such calibration file; pass a .txt, .pt or .safetensors file")
+            raise CalibrationError(f"{path}: no such {role} file; pass a .txt, .pt or .safetensors file")
         suffix = path.suffix.lower()
         if suffix in (".txt", ".text"):
             limit = max_positions(model)
-            batches = _text_batches(path, model, example, batch_size, min(max_length, limit or max_length), tokenizer)
+            batches = _text_batches(path, model, example, batch_size, min(max_length, limit or max_length), tokenizer,
+                                     role)
         elif suffix in (".pt", ".pth", ".safetensors"):
             data = _load_tensor_file(path)
             batches = _tensor_batches(data, str(path), model, example, batch_size)
         else:
-            raise CalibrationError(f"{path}: unknown calibration format {suffix or '(none)'!r}; pass .txt (one "
+            raise CalibrationError(f"{path}: unknown {role} format {suffix or '(none)'!r}; pass .txt (one "
                                    "example per line), .pt or .safetensors (a tensor of examples)")
     elif isinstance(calib, (torch.Tensor, dict)):
-        batches = _tensor_batches(calib, "the calibration data", model, example, batch_size)
+        batches = _tensor_batches(calib, f"the {role} data", model, example, batch_size)
     elif isinstance(calib, Iterable):
-        batches = _iterable_batches(calib, model, example)
+        batches = _iterable_batches(calib, model, example, role)
     else:
-        raise CalibrationError(f"calibration data of type {type(calib).__name__} is not supported; pass a file "
+        raise CalibrationError(f"{role} data of type {type(calib).__name__} is not supported; pass a file "
                                "path, a tensor, a dict of tensors or an iterable of batches")
     start = _decoder_start(model)
     if start is None:
@@ -319,16 +322,16 @@ def find_tokenizer(model: nn.Module | str | os.PathLike) -> Any:
 
 
 def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | None, batch_size: int,
-                  max_length: int, tokenizer: Any) -> Iterator[Batch]:
+                  max_length: int, tokenizer: Any, role: str = "calibration") -> Iterator[Batch]:
     name, reference = _main_input(example)
     if reference is not None and reference.is_floating_point():
-        raise CalibrationError(f"{path}: a text calibration file needs a model that takes token ids, but its "
+        raise CalibrationError(f"{path}: a text {role} file needs a model that takes token ids, but its "
                                "input is floating point; pass a tensor file of inputs instead")
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     positional = example is not None and name == "0"  # token ids as the first positional input
     if tokenizer is None and not vocab:
-        raise CalibrationError(f"{path}: text calibration needs the model's tokenizer (or config.vocab_size); "
+        raise CalibrationError(f"{path}: text {role} needs the model's tokenizer (or config.vocab_size); "
                                "pass a tensor file of token ids instead")
     accepted = _keyword_inputs(model)
     try:
@@ -377,24 +380,25 @@ def _text_batches(path: Path, model: nn.Module, example: tuple[tuple, dict] | No
     return _Sized(generate(), None, str(path))
 
 
-def _iterable_batches(calib: Iterable, model: nn.Module, example: tuple[tuple, dict] | None) -> Iterator[Batch]:
+def _iterable_batches(calib: Iterable, model: nn.Module, example: tuple[tuple, dict] | None,
+                      role: str = "calibration") -> Iterator[Batch]:
     def generate() -> Iterator[Batch]:
         for i, item in enumerate(calib):
             if isinstance(item, torch.Tensor):
                 name, reference = _main_input(example)
-                _check_like(item, reference, f"calibration batch {i}", name, model)
+                _check_like(item, reference, f"{role} batch {i}", name, model)
                 args, kwargs = ((item,), {}) if name == "0" else ((), {name: item})
             elif isinstance(item, dict):
                 args, kwargs = (), dict(item)
             elif isinstance(item, (tuple, list)):
                 args, kwargs = tuple(item), {}
             else:
-                raise CalibrationError(f"calibration batch {i} is a {type(item).__name__}; give a tensor, a tuple "
+                raise CalibrationError(f"{role} batch {i} is a {type(item).__name__}; give a tensor, a tuple "
                                        "of positional inputs or a dict of keyword inputs")
             mask = kwargs.get("attention_mask")
             yield args, kwargs, mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    return _Sized(generate(), len(calib) if hasattr(calib, "__len__") else None, "the calibration data")
+    return _Sized(generate(), len(calib) if hasattr(calib, "__len__") else None, f"the {role} data")
 
 
 class _Sized:

@@ -12,6 +12,8 @@ The package is in layers: a module imports only from the layers below it, and ne
 * ``saving``, ``layerwise``, ``zoo`` -- save/load/recipe; layer-by-layer calibration; demo models
 * ``convert`` -- the conversion pipeline
 * ``heal`` -- fit each MoE layer to its dense FFN
+* ``distill`` -- end-to-end healing: distil the dense model into the converted one
+* ``evaluate`` -- the converted model against the dense one on the user's data (``moefx eval``)
 * ``analysis`` -- find the FFNs and near-misses (``analyze``, ``find_ffns``)
 * ``calibrate``, ``tasks``, ``sources`` -- calibration data; task routing on a model; load a MODEL
 * ``capture`` -- sample pass, symbolic_trace / torch.export, ``CapturedModule``
@@ -40,6 +42,7 @@ from .analysis import Analysis, analyze
 from .config import MoEConfig
 from .convert import convert
 from .errors import MoefxError
+from .evaluate import Evaluation, evaluate
 from .heal import heal
 from .layers import ExpertBank, MoELayer, aux_loss, moe_layers, routing_stats
 from .routers import check_router_causality
@@ -49,6 +52,7 @@ from .version import __version__
 
 __all__ = [
     "Analysis",
+    "Evaluation",
     "ExpertBank",
     "MoEConfig",
     "MoELayer",
@@ -58,6 +62,7 @@ __all__ = [
     "aux_loss",
     "check_router_causality",
     "convert",
+    "evaluate",
     "export_onnx",
     "extract_task",
     "heal",

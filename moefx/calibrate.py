@@ -47,6 +47,8 @@ __all__ = [
     "LayerSample",
     "TokenSampler",
     "calibration_batches",
+    "ffn_forward",
+    "ffn_hidden",
     "real_tokens",
     "record_ffns",
     "run_calibration_batch",
@@ -513,18 +515,24 @@ class DenseFFN(nn.Module):
     def sample(self) -> LayerSample:
         return self.sampler.sample
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.match
-        h = ACTIVATIONS[m.activation](F.linear(x, m.up_weight, m.up_bias))
-        if m.gated:
-            h = h * F.linear(x, m.gate_up_weight, m.gate_up_bias)
-        return h
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(x)
+        h = ffn_hidden(self.match, x)
         mask = _TOKEN_MASK.get()
         self.sampler.add(real_tokens(x, mask), real_tokens(h, mask))
         return F.linear(h, self.match.down_weight, self.match.down_bias)
+
+
+def ffn_hidden(match: FFNMatch, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN's hidden activations (what its down projection reads) on ``x [..., H]``."""
+    h = ACTIVATIONS[match.activation](F.linear(x, match.up_weight, match.up_bias))
+    if match.gated:
+        h = h * F.linear(x, match.gate_up_weight, match.gate_up_bias)
+    return h
+
+
+def ffn_forward(match: FFNMatch, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN of ``match`` on ``x [..., H]``, exactly."""
+    return F.linear(ffn_hidden(match, x.to(match.up_weight.dtype)), match.down_weight, match.down_bias)
 
 
 def swap_module(model: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .capture import quiet_torch_export
 from .checkpoint import TensorEntry
-from .errors import ModelLoadError, UnsafeFileError, first_line
+from .errors import ConfigError, ModelLoadError, UnsafeFileError, first_line
 from .hf import build_without_weights
 from .progress import progress_disabled
 
@@ -41,6 +41,7 @@ __all__ = [
     "ModelSource",
     "class_path",
     "hf_model_class",
+    "load_dense_source",
     "load_hf_config",
     "load_source",
     "rebuild_hf_without_weights",
@@ -101,6 +102,16 @@ def load_source(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> 
     if _FACTORY.match(text):
         return _load_factory(text)
     raise ModelLoadError(f"{text}: no such file or directory (nor a package.module:factory callable)")
+
+
+def load_dense_source(source: dict[str, Any] | None, *, how: str, trust_remote_code: bool = False) -> nn.Module:
+    """The dense model a conversion started from, loaded again from its recorded ``source`` (a recipe's
+    ``source``); ``how`` says how to pass it instead when it was a Python object, with no source to reload."""
+    spec = (source or {}).get("spec")
+    if not spec:
+        raise ConfigError("the dense model this was converted from is unknown (it was converted from a Python "
+                          f"object); pass it: {how}")
+    return load_source(spec, trust_remote_code=trust_remote_code).model
 
 
 def load_hf_config(path: Path, *, parse: bool = True) -> tuple[dict[str, Any], Any]:

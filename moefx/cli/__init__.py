@@ -31,12 +31,14 @@ COMMANDS = {
     "partition": ".partition",
     "bench": ".bench",
     "heal": ".heal",
+    "eval": ".eval",
 }
 
 _EPILOG = """examples:
   moefx inspect model_dir/                         what would be converted, and why near-misses were not
   moefx convert model_dir/ --experts 8 --top-k 2 -o out/
   moefx convert my_pkg.models:build --router topk --every 2 -o out/ --force
+  moefx eval out/ --data held_out.txt              what the conversion costs: perplexity ratio, KL, cosine
 """
 
 

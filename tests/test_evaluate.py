@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_model
 from test_cli import assert_clean_error, run_cli
 from torch import nn
 
 import moefx
 from moefx.errors import CalibrationError
 from moefx.evaluate import evaluate_batches
+
+from conftest import tiny_hf_model
 
 
 class FixedForCausalLM(nn.Module):
@@ -170,7 +171,7 @@ def test_bad_evaluation_data_is_one_clear_error(tmp_path, case):
 
 
 def test_evaluate_needs_a_converted_model():
-    with pytest.raises(moefx.MoefxError, match="needs a model converted by moefx.convert"):
+    with pytest.raises(moefx.MoefxError, match=r"needs a model converted by moefx\.convert"):
         moefx.evaluate(nn.Linear(2, 2), torch.zeros(1, 2))
 
 

@@ -21,9 +21,10 @@ import contextvars
 import inspect
 import logging
 import os
+import threading
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,11 @@ __all__ = [
     "DenseFFN",
     "LayerSample",
     "TokenSampler",
+    "batch_tokens",
     "calibration_batches",
     "ffn_forward",
     "ffn_hidden",
+    "fit_in_order",
     "real_tokens",
     "record_ffns",
     "run_calibration_batch",
@@ -522,6 +525,18 @@ class DenseFFN(nn.Module):
         return F.linear(h, self.match.down_weight, self.match.down_bias)
 
 
+def batch_tokens(batch: Batch) -> int:
+    """How many real tokens a batch holds: its mask's ones; without a mask, the rows of its first tensor input
+    (every element of integer token ids; every vector along the last dimension of a float input)."""
+    args, kwargs, mask = batch
+    if mask is not None:
+        return int(mask.sum())
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor):
+            return t.numel() if not t.is_floating_point() else t.numel() // max(t.shape[-1], 1)
+    return 1
+
+
 def ffn_hidden(match: FFNMatch, x: torch.Tensor) -> torch.Tensor:
     """The dense FFN's hidden activations (what its down projection reads) on ``x [..., H]``."""
     h = ACTIVATIONS[match.activation](F.linear(x, match.up_weight, match.up_bias))
@@ -581,6 +596,104 @@ def record_ffns(
     if batch_count == 0:
         raise CalibrationError("the calibration data holds no batches; give at least one example")
     return {name: rec.sample for name, rec in recorders.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitting layers in order, on the converted model's own inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_in_order(model: nn.Module, names: list[str], batches: list[Batch], fit: Callable[[str, torch.Tensor], None],
+                 *, what: str = "the calibration data") -> list[str]:
+    """Fit the modules at ``names`` one after another, each on the inputs it gets from the modules already
+    fitted before it, and return the names fitted (in that order).
+
+    Every batch runs as its own forward pass, all of them at once but one at a time (a pass holds a lock
+    while it computes and gives it up while it waits): a pass that reaches one of the modules leaves the
+    module's input rows there (real tokens only) and waits. Once every pass still running waits, the module
+    that comes first in ``names`` among those waited at is fitted, ``fit(name, rows of every pass)``, and the
+    passes waiting there go on through the fitted module. So module N is fitted on what the converted model,
+    not the dense one, feeds it, whatever the model's structure: errors of the layers before it are seen, and
+    not compounded. A module that no batch reaches is not fitted.
+    """
+    cond = threading.Condition()
+    rows: dict[str, dict[int, torch.Tensor]] = {name: {} for name in names}
+    fitted: list[str] = []
+    waiting: dict[int, str] = {}  # pass -> the module it waits at
+    failures: list[BaseException] = []
+    running = [len(batches)]
+    order = {name: i for i, name in enumerate(names)}
+    local = threading.local()
+
+    def fit_waited() -> None:  # with cond held
+        while running[0] and len(waiting) == running[0] and not failures:
+            name = min(set(waiting.values()), key=order.__getitem__)
+            x = torch.cat([rows[name][i] for i in sorted(rows[name])])
+            rows[name].clear()
+            try:
+                fit(name, x)
+            except BaseException as exc:  # re-raised in the caller's thread
+                failures.append(exc)
+            fitted.append(name)
+            for i in [i for i, n in waiting.items() if n == name]:
+                del waiting[i]
+            cond.notify_all()
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            index = getattr(local, "index", None)
+            if index is None or name in fitted:  # not one of these passes, or fitted already
+                return
+            rows[name][index] = real_tokens(args[0], local.mask).float()
+            waiting[index] = name
+            fit_waited()
+            while name not in fitted and not failures:
+                cond.wait()
+            if failures:
+                raise _Aborted
+        return hook
+
+    def work(index: int, batch: Batch) -> None:
+        args, kwargs, mask = batch
+        with cond, torch.no_grad():
+            local.index, local.mask = index, mask
+            token = _TOKEN_MASK.set(mask)
+            try:
+                run_calibration_batch(model, args, kwargs, what, index)
+            except _Aborted:
+                pass
+            except BaseException as exc:  # re-raised in the caller's thread
+                failures.append(exc)
+            finally:
+                _TOKEN_MASK.reset(token)
+                running[0] -= 1
+                waiting.pop(index, None)
+                fit_waited()
+                cond.notify_all()
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(pre_hook(name)) for name in names]
+    was_training = model.training
+    set_mode(model, False)
+    threads = [threading.Thread(target=work, args=(i, b), name=f"moefx-calib-{i}", daemon=True)
+               for i, b in enumerate(batches)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for h in handles:
+            h.remove()
+        set_mode(model, was_training)
+    if failures:
+        raise failures[0]
+    return fitted
+
+
+class _Aborted(BaseException):
+    """Raised inside the passes still waiting when a fit or another pass failed (a BaseException, so that
+    neither the model's own ``except Exception`` nor run_calibration_batch's wrapping catches it)."""
 
 
 def _unpickling_reason(exc: Exception) -> str:

@@ -29,13 +29,13 @@ from .analysis import (
     strip_analysis_meta,
     unchunk_ffns,
 )
-from .calibrate import calibration_batches, record_ffns, swap_module
+from .calibrate import batch_tokens, calibration_batches, fit_in_order, record_ffns, swap_module
 from .capture import CaptureAttempt, CapturedModule, capture_container, ghost_parameters
 from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig
 from .context import task_ids
 from .errors import ConfigError, MoefxError, NoFFNFoundError
 from .experts import build_moe_layer, layer_generator
-from .heal import heal_layers
+from .heal import MIN_ROWS, heal_layer, heal_layers
 from .inputs import default_inputs, normalize_inputs
 from .layers import MoELayer
 from .passes import FindFFNPass, PassManager, RewriteFFNPass
@@ -92,6 +92,7 @@ def convert(
     tokenizer: Any = None,
     heal: bool = False,
     heal_steps: int = HEAL_STEPS,
+    sequential: bool = True,
 ) -> nn.Module:
     """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
 
@@ -115,6 +116,10 @@ def convert(
         heal: after building the experts, fit each MoE layer to its dense FFN on the calibration data
             (:func:`moefx.heal`); needs ``calib``.
         heal_steps: Adam steps per layer when healing (0: least squares only, for split layers).
+        sequential: with ``calib`` and ``init='split'``, refit each layer, in model order, on the inputs the
+            layers converted before it give it (its router, then its down projections and biases by least
+            squares, kept only where its held-out error drops), so that errors do not compound from layer to
+            layer; ``False`` builds every layer from the dense model's inputs alone.
 
     Raises:
         NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
@@ -182,7 +187,8 @@ def convert(
         batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
     recorded = None
     if calibrated:
-        recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens)
+        recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens,
+                                     sequential)
     healing = None
     if heal:
         dense = {d["moe"]: next(f.match for f in chosen if f.name == d["name"]) for d in layers_info}
@@ -215,15 +221,18 @@ def convert(
 
 def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: list[dict[str, Any]],
                       config: MoEConfig, index_of: dict[int, int], batches: Any,
-                      max_tokens: int) -> dict[str, torch.Tensor]:
+                      max_tokens: int, sequential: bool) -> dict[str, torch.Tensor]:
     """Record each converted FFN's inputs on the calibration batches (running the dense FFNs), then build its
-    MoE layer from them and put it in place of the allocated one; returns the recorded inputs by layer name."""
+    MoE layer from them and put it in place of the allocated one; with ``sequential``, then refit the layers in
+    order on the converted model's own inputs (:func:`_refit_in_order`). Returns each layer's inputs by name
+    (the converted model's where refitted, else the dense model's), the sample healing continues from."""
     by_name = {f.name: f for f in chosen}
     targets = {}
     for d in layers_info:
         ffn = by_name[d["name"]]
         targets[d["moe"]] = (ffn.match, layer_generator(config, index_of[id(ffn)], stream=3))
-    samples = record_ffns(model, targets, batches, max_tokens=max_tokens)
+    first: list = []  # the first batches, up to max_tokens real tokens, for the refit in order
+    samples = record_ffns(model, targets, _keep_first(batches, first, max_tokens), max_tokens=max_tokens)
     with progress(total=len(layers_info), desc="building experts from calibration", unit="layer") as bar:
         for d in layers_info:
             ffn = by_name[d["name"]]
@@ -233,7 +242,55 @@ def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: lis
             layer.train(old.training)
             d.update(_split_info(layer), calibration_tokens=samples[d["moe"]].tokens)
             bar.update(1)
-    return {name: sample.inputs for name, sample in samples.items()}
+    inputs = {name: sample.inputs for name, sample in samples.items()}
+    if sequential:
+        matches = {d["moe"]: by_name[d["name"]].match for d in layers_info}
+        inputs.update(_refit_in_order(model, layers_info, matches, first, max_tokens, batches))
+    return inputs
+
+
+#: The refit in order runs its batches as concurrent passes (one thread each): at most this many.
+MAX_SEQUENTIAL_BATCHES = 64
+
+
+def _keep_first(batches: Any, kept: list, max_tokens: int):
+    """Yield ``batches``, appending the first of them to ``kept`` until they hold ``max_tokens`` real tokens
+    (or :data:`MAX_SEQUENTIAL_BATCHES` batches)."""
+    tokens = 0
+    for batch in batches:
+        if tokens < max_tokens and len(kept) < MAX_SEQUENTIAL_BATCHES:
+            kept.append(batch)
+            tokens += batch_tokens(batch)
+        yield batch
+
+
+def _refit_in_order(model: nn.Module, layers_info: list[dict[str, Any]], matches: dict[str, FFNMatch],
+                    batches: list, max_tokens: int, source: Any) -> dict[str, torch.Tensor]:
+    """Refit every split layer, in model order, on the inputs the layers before it (already refitted) give
+    it in the converted model (:func:`moefx.calibrate.fit_in_order`): router, then least squares, each kept
+    only where the layer's held-out error drops (:func:`moefx.heal.heal_layer`, no gradient steps). Built from
+    the dense model's inputs alone, every layer is fitted to inputs it never sees once the layers before it are
+    converted, and the errors compound; refitted in order, each layer corrects for the ones before it.
+    Returns the inputs each refitted layer was fitted on."""
+    by_moe = {d["moe"]: d for d in layers_info}
+    names = [d["moe"] for d in sorted(layers_info, key=lambda d: d["position"]) if "partition" in d]
+    fitted: dict[str, torch.Tensor] = {}
+
+    def fit(name: str, x: torch.Tensor) -> None:
+        if x.shape[0] > max_tokens:  # evenly spaced rows: the fit is deterministic
+            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
+        fitted[name] = x
+        if x.shape[0] < MIN_ROWS:
+            return  # too few rows to hold any out: the layer stays as built
+        result = heal_layer(model.get_submodule(name), matches[name], x, steps=0, refit_router=True)
+        by_moe[name]["refit"] = {"tokens": int(x.shape[0]), "error_before": result["error_before"],
+                                 "error_after": result["error_after"], "kept": bool(result.get("kept"))}
+
+    if names and batches:
+        with progress(total=len(names), desc="refitting layers in order", unit="layer") as bar:
+            fit_in_order(model, names, batches, lambda name, x: (fit(name, x), bar.update(1)),
+                         what=getattr(source, "what", "the calibration data"))
+    return fitted
 
 
 def _split_info(layer: MoELayer) -> dict[str, Any]:

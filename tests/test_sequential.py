@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_hf_model
-from toy_models import MLP, Block, Stack
 from torch import nn
 
 import moefx
 from moefx.calibrate import fit_in_order
 from moefx.errors import CalibrationError
+
+from conftest import tiny_hf_model
+from toy_models import MLP, Block, Stack
 
 
 def _stack(blocks: int = 3, d: int = 8) -> Stack:

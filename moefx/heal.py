@@ -16,6 +16,12 @@ A tenth of the sample is held out: the per-layer error before and after (mean sq
 squared target, on held-out rows) is reported, and a fit that does not lower it is thrown away (for split
 layers, each of the two stages), so healing never makes a layer worse, and a layer that already reproduces
 its FFN (a split layer with every expert active) is left exactly as it was.
+
+Layers that are each closer to their FFN can still make a model whose output is further from the dense one
+(the errors compound; a small sample overfits). ``heal(..., end_to_end=True)`` therefore holds a tenth of the
+calibration batches out, fits the layers on the rest, keeps that fit only if the model's output on the
+held-out batches got closer to the dense model's, and then distils the whole model from the dense one
+(:mod:`moefx.distill`), which keeps its best held-out state: healing never makes the model worse end to end.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .activations import ACTIVATIONS
 from .analysis import find_ffns
 from .calibrate import calibration_batches, record_ffns
 from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig
+from .distill import DISTILL_SECONDS, EndToEnd, distill, hold_out
 from .errors import CalibrationError, ConfigError
 from .experts import layer_generator
 from .layers import ExpertBank, MoELayer, moe_layers
@@ -51,8 +58,10 @@ EXACT = 1e-10
 
 def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_tokens: int = CALIB_TOKENS,
          tokenizer: Any = None, seed: int | None = None, steps: int = HEAL_STEPS,
-         trust_remote_code: bool = False) -> list[dict[str, Any]]:
-    """Fit every MoE layer of a converted ``model`` to its dense FFN on calibration data, in place.
+         trust_remote_code: bool = False, end_to_end: bool = False, seconds: float | None = DISTILL_SECONDS,
+         distill_steps: int | None = None, what: str = "auto", lr: float | None = None) -> list[dict[str, Any]]:
+    """Fit every MoE layer of a converted ``model`` to its dense FFN on calibration data, in place; with
+    ``end_to_end``, then distil the whole model from the dense one, never ending worse than it started.
 
     Args:
         model: a model returned by :func:`moefx.convert` or :func:`moefx.load`.
@@ -63,8 +72,15 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
         tokenizer: for a text ``calib`` file (default: the model's own, if found).
         seed: of the sampling (default: the conversion's seed).
         steps: Adam steps per layer (0: split layers get the least-squares fit only, others nothing).
+        end_to_end: hold a tenth of the calibration batches out (:func:`moefx.distill.hold_out`), fit the layers
+            on the rest and keep that fit only if the model's output on the held-out batches got closer to the
+            dense model's; then :func:`moefx.distill.distill` for ``seconds`` (0: skip it) or ``distill_steps``,
+            ``what`` and ``lr`` as there, keeping its best held-out state. Healing then never makes the model
+            worse end to end on held-out calibration data, whatever its size.
 
-    Returns the per-layer report (also kept in ``model.moefx_info.healing``).
+    Returns the per-layer report (also kept in ``model.moefx_info.healing``); with ``end_to_end``, followed by
+    one entry for the model as a whole (``"layer": "(end to end)"``): the held-out objective before and after,
+    the stages kept, and the distillation's report.
     """
     info = getattr(model, "moefx_info", None)
     if info is None:
@@ -91,10 +107,50 @@ def heal(model: nn.Module, calib: Any, *, dense: nn.Module | None = None, calib_
                               "one when converted; pass the model it was converted from")
         targets[name] = match
     batches = calibration_batches(calib, model, info.inputs, tokenizer=tokenizer)
-    report = heal_layers(model, targets, batches, max_tokens=calib_tokens,
-                         seed=info.config.seed if seed is None else seed, steps=steps)
+    seed = info.config.seed if seed is None else seed
+    if not end_to_end:
+        report = heal_layers(model, targets, batches, max_tokens=calib_tokens, seed=seed, steps=steps)
+    else:
+        report = _heal_end_to_end(model, dense, targets, batches, calib_tokens=calib_tokens, seed=seed, steps=steps,
+                                  seconds=seconds, distill_steps=distill_steps, what=what, lr=lr)
     info.healing = report
     return report
+
+
+def _heal_end_to_end(model: nn.Module, dense: nn.Module, targets: dict[str, FFNMatch], batches: Any, *,
+                     calib_tokens: int, seed: int, steps: int, seconds: float | None, distill_steps: int | None,
+                     what: str, lr: float | None) -> list[dict[str, Any]]:
+    """Layer-wise healing, then distillation, on all but a held-out tenth of ``batches``; each stage is kept
+    only if it brings the model's output on the held-out tenth closer to the dense model's."""
+    train, held = hold_out(batches)
+    judge = EndToEnd(dense, held)
+    start = judge.error(model)
+    saved = copy.deepcopy(_moe_state(model))
+    layers = heal_layers(model, targets, train, max_tokens=calib_tokens, seed=seed, steps=steps)
+    after = judge.error(model)
+    kept = ["layer-wise"] if after < start else []
+    if not kept:  # the layer-wise fit made the model worse end to end (a small sample, say): undo it
+        model.load_state_dict(saved, strict=False)
+    error = min(start, after)
+    log.info("moefx: layer-wise healing, held-out %s %.5g -> %.5g: %s", judge.objective, start, after,
+             "kept" if kept else "undone")
+    entry: dict[str, Any] = {"layer": "(end to end)", "method": "layer-wise", "objective": judge.objective,
+                             "error_before": start, "layer_wise_error": after}
+    if (seconds is None or seconds > 0) and distill_steps != 0:
+        entry["method"] = "layer-wise + distillation"
+        result = distill(model, dense, train, held_out=held, seconds=seconds, steps=distill_steps, what=what, lr=lr,
+                         seed=seed)
+        entry["distillation"] = result
+        if result["kept"]:
+            kept.append("distillation")
+            error = result["error_after"]
+    entry.update(error_after=error, kept=kept)
+    return [*layers, entry]
+
+
+def _moe_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The MoE layers' tensors, by their names in ``model.state_dict()`` (all that healing changes)."""
+    return {f"{name}.{key}": value for name, layer in moe_layers(model) for key, value in layer.state_dict().items()}
 
 
 def _describe(activation: str, gated: bool, in_features: int, out_features: int) -> str:

@@ -623,6 +623,7 @@ def fit_in_order(model: nn.Module, names: list[str], batches: list[Batch], fit: 
     waiting: dict[int, str] = {}  # pass -> the module it waits at
     failures: list[BaseException] = []
     running = [len(batches)]
+    fitting = [False]  # a fit may run the module itself (to judge it): those calls pass straight through
     order = {name: i for i, name in enumerate(names)}
     local = threading.local()
 
@@ -631,10 +632,13 @@ def fit_in_order(model: nn.Module, names: list[str], batches: list[Batch], fit: 
             name = min(set(waiting.values()), key=order.__getitem__)
             x = torch.cat([rows[name][i] for i in sorted(rows[name])])
             rows[name].clear()
+            fitting[0] = True
             try:
                 fit(name, x)
             except BaseException as exc:  # re-raised in the caller's thread
                 failures.append(exc)
+            finally:
+                fitting[0] = False
             fitted.append(name)
             for i in [i for i, n in waiting.items() if n == name]:
                 del waiting[i]
@@ -643,7 +647,7 @@ def fit_in_order(model: nn.Module, names: list[str], batches: list[Batch], fit: 
     def pre_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             index = getattr(local, "index", None)
-            if index is None or name in fitted:  # not one of these passes, or fitted already
+            if index is None or fitting[0] or name in fitted:  # not a pass's own call, or fitted already
                 return
             rows[name][index] = real_tokens(args[0], local.mask).float()
             waiting[index] = name

@@ -49,6 +49,19 @@ def test_each_module_is_fitted_on_what_the_modules_fitted_before_it_give_it():
     assert not torch.allclose(seen[names[2]], torch.cat([b[0][0] for b in batches]).reshape(-1, 8))
 
 
+def test_a_fit_that_runs_its_module_is_called_once_with_every_row():
+    model = _stack(2)
+    batches = [((torch.randn(2, 5, 8),), {}, None) for _ in range(3)]
+    calls: list[tuple[str, int]] = []
+
+    def fit(name: str, x: torch.Tensor) -> None:
+        calls.append((name, x.shape[0]))
+        model.get_submodule(name)(x[:7])  # judging the fit runs the module: no new rows, no second fit
+
+    fit_in_order(model, ["blocks.0.ffn", "blocks.1.ffn"], batches, fit)
+    assert calls == [("blocks.0.ffn", 30), ("blocks.1.ffn", 30)]
+
+
 def test_padding_tokens_are_left_out_and_unreached_modules_not_fitted():
     model = _stack(2)
     mask = torch.tensor([[True, True, False]])

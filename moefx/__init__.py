@@ -41,6 +41,7 @@ from . import (
 from .analysis import Analysis, analyze
 from .config import MoEConfig
 from .convert import convert
+from .distill import distill
 from .errors import MoefxError
 from .evaluate import Evaluation, evaluate
 from .heal import heal
@@ -62,6 +63,7 @@ __all__ = [
     "aux_loss",
     "check_router_causality",
     "convert",
+    "distill",
     "evaluate",
     "export_onnx",
     "extract_task",

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .calibrate import Batch, run_calibration_batch
+from .calibrate import Batch, batch_tokens, run_calibration_batch
 from .errors import CalibrationError, ConfigError
+from .evaluate import is_causal_lm
 from .layers import MoELayer, moe_layers
 
 __all__ = ["DISTILL_SECONDS", "EndToEnd", "distill", "hold_out", "tokens_needed"]
@@ -88,17 +89,6 @@ def _rows(batch: Batch) -> int:
         return int(mask.shape[0])
     main = _main_tensor(batch)
     return int(main.shape[0]) if main is not None else 1
-
-
-def _tokens(batch: Batch) -> int:
-    """Real tokens of a batch: its mask's, else the rows x sequence length of its main input."""
-    mask = batch[2]
-    if mask is not None:
-        return int(mask.sum())
-    main = _main_tensor(batch)
-    if main is None:
-        return 1
-    return int(main.shape[0] * (main.shape[1] if main.dim() >= 2 else 1))
 
 
 def _slice_rows(batch: Batch, rows: slice) -> Batch:
@@ -151,14 +141,10 @@ def _first_tensor(output: Any) -> torch.Tensor:
                       "a tensor, logits or a last_hidden_state")
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
 def _objective_of(model: nn.Module, output: Any) -> str:
     logits = _field(output, "logits")
     if isinstance(logits, torch.Tensor):
-        return "causal-kl" if _is_causal_lm(model) and logits.dim() == 3 else "kl"
+        return "causal-kl" if is_causal_lm(model) and logits.dim() == 3 else "kl"
     if isinstance(_field(output, "last_hidden_state"), torch.Tensor):
         return "embedding"
     return "output"
@@ -288,7 +274,7 @@ class EndToEnd:
         try:
             total = weight = 0.0
             for i, batch in enumerate(self.batches):
-                n = _tokens(batch)
+                n = batch_tokens(batch)
                 total += float(self.loss(model, i)) * n
                 weight += n
         finally:
@@ -423,7 +409,7 @@ def distill(
     train, held = (list(batches), list(held_out)) if held_out is not None else hold_out(batches)
     if not train:
         raise CalibrationError("end-to-end healing has no calibration batches left to train on")
-    train_tokens, held_tokens = sum(map(_tokens, train)), sum(map(_tokens, held))
+    train_tokens, held_tokens = sum(map(batch_tokens, train)), sum(map(batch_tokens, held))
     total_tokens = train_tokens + held_tokens
     if what == "auto":
         what = "lora" if train_tokens < _TRAIN_TOKENS["experts"] else "experts"

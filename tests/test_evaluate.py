@@ -14,6 +14,7 @@ from torch import nn
 import moefx
 from moefx.errors import CalibrationError
 from moefx.evaluate import evaluate_batches
+from moefx.report import render_conversion_text
 
 from conftest import tiny_hf_model
 
@@ -168,6 +169,22 @@ def test_bad_evaluation_data_is_one_clear_error(tmp_path, case):
         match = "no such evaluation file"
     with pytest.raises(CalibrationError, match=match):
         moefx.evaluate(moe, data, dense=dense)
+
+
+def test_convert_holds_every_tenth_calibration_batch_out_and_reports_the_quality_on_them():
+    dense = tiny_hf_model("llama")
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, dense.config.vocab_size, (3, 16), generator=gen) for _ in range(12)]
+    moe = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=1, init="split"), calib=batches)
+    quality = moe.moefx_info.quality
+    assert quality["tokens"] == 3 * 15 and quality["kind"] == "causal-lm"  # batch 9 alone, 15 targets a row
+    assert all(d["calibration_tokens"] == 11 * 48 for d in moe.moefx_info.layers)  # the other 11 calibrate
+    # The same figures, recomputed by moefx.evaluate on the held-out batch.
+    again = moefx.evaluate(moe, [batches[9]], dense=dense, max_tokens=None)
+    assert quality["metrics"]["kl"] == pytest.approx(again.metrics["kl"], rel=1e-5)
+    assert "quality on held-out calibration data: perplexity" in render_conversion_text(moe.moefx_info.report())
+    few = moefx.convert(dense, moefx.MoEConfig(num_experts=4, top_k=1, init="split"), calib=batches[:9])
+    assert few.moefx_info.quality is None  # under ten batches, all of them calibrate
 
 
 def test_evaluate_needs_a_converted_model():

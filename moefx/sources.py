@@ -293,19 +293,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _saved_hf_config(out: Path) -> Any:
+    """The transformers config saved in a moefx output directory."""
+    from transformers import AutoConfig  # optional: needs moefx[hf]
+
+    try:
+        return AutoConfig.from_pretrained(str(out), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({first_line(exc)}); "
+                             "restore it from the source model or convert the model again") from None
+
+
 def rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -> nn.Module:
     """The dense model a recipe's ``source`` describes (weights as built, not the saved ones)."""
     kind = source.get("kind")
     if kind == "hf":
-        from transformers import AutoConfig  # optional: needs moefx[hf]
-
-        try:
-            config = AutoConfig.from_pretrained(str(out), local_files_only=True)
-        except Exception as exc:
-            raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({first_line(exc)}); "
-                                 "restore it from the source model or convert the model again") from None
         cls = hf_model_class({"architectures": [source.get("architecture")]})
-        return cls._from_config(config)
+        return cls._from_config(_saved_hf_config(out))
     if kind == "pt2":
         return _load_pt2(out / "source.pt2").model
     if kind == "factory":
@@ -339,15 +343,8 @@ def rebuild_source(out: Path, source: dict[str, Any], trust_remote_code: bool) -
 def rebuild_hf_without_weights(out: Path, source: dict[str, Any]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The dense model with meta parameters and meta buffers, and the real buffers by name (a rotary
     embedding's ``inv_freq``: not saved, computed by the model's constructor)."""
-    from transformers import AutoConfig  # optional: needs moefx[hf]
-
-    try:
-        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{out / 'config.json'}: transformers could not read it ({first_line(exc)}); "
-                             "restore it from the source model or convert the model again") from None
     cls = hf_model_class({"architectures": [source.get("architecture")]})
-    dense = build_without_weights(cls, config, real_buffers=True)
+    dense = build_without_weights(cls, _saved_hf_config(out), real_buffers=True)
     buffers = {}
     for mod_name, module in dense.named_modules():
         for key, buf in module._buffers.items():

@@ -231,7 +231,6 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xticks(sorted({r["active_percent"] for r in rows}))
         if metric == "perplexity_ratio":
             ax.set_ylabel("perplexity ratio, converted / dense (lower is better)")
-            ax.set_yscale("log")
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_title("SmolLM2-135M: held-out perplexity ratio")
         else:

@@ -204,16 +204,16 @@ def convert(
         recorded = _build_calibrated(model, chosen, layers_info, config, index_of, batches, calib_tokens,
                                      sequential)
     healing = None
+    by_name = {f.name: f.match for f in chosen}
+    dense_ffns = {d["moe"]: by_name[d["name"]] for d in layers_info}  # each MoE layer's dense FFN
     if heal:
-        dense = {d["moe"]: next(f.match for f in chosen if f.name == d["name"]) for d in layers_info}
         # Split layers were just built from the dense inputs of each layer: heal on the same sample rather
         # than reading the data again.
-        healing = heal_layers(model, dense, batches, max_tokens=calib_tokens, seed=config.seed, steps=heal_steps,
+        healing = heal_layers(model, dense_ffns, batches, max_tokens=calib_tokens, seed=config.seed, steps=heal_steps,
                               inputs=recorded, routers_fitted=recorded is not None)
     quality = None
     if held:
-        ffns = {d["moe"]: functools.partial(ffn_forward, next(f.match for f in chosen if f.name == d["name"]))
-                for d in layers_info}
+        ffns = {name: functools.partial(ffn_forward, match) for name, match in dense_ffns.items()}
         quality = evaluate_batches(model, dense_model, held, ffns=ffns, min_tokens=1,
                                    what="the held-out calibration data").to_dict()
     strip_analysis_meta(model)
